@@ -1,0 +1,138 @@
+"""Argument validation: every shape and value error a user sees is worded here."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import ModuleType
+from typing import Any
+
+from ._lib._namespace import Array, dtype_name, require_bool, require_real_floating
+
+__all__ = [
+    "check_bias",
+    "check_mask",
+    "check_positive_int",
+    "check_same_dtype",
+    "check_scale",
+    "check_sdpa_shapes",
+]
+
+MASK_MEANING = "True means 'may attend'"
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int, or raise if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def check_scale(scale: Any, head_dim: int) -> float:
+    """Return the softmax scale as a Python float (default ``1/sqrt(head_dim)``)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            f"scale must be a positive finite Python float or None, got {type(scale).__name__}"
+        )
+    scale = float(scale)  # also drops NumPy scalars, which would up-cast float32 (NEP 50)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def _broadcast(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    ndim = max(len(s) for s in shapes.values())
+    out = [1] * ndim
+    for axis in range(-ndim, 0):
+        for name, shape in shapes.items():
+            if -axis > len(shape) or shape[axis] == 1:
+                continue
+            if out[axis] not in (1, shape[axis]):
+                desc = ", ".join(f"{n} {s}" for n, s in shapes.items())
+                raise ValueError(f"the leading (batch, head) dimensions do not broadcast: {desc}")
+            out[axis] = shape[axis]
+    return tuple(out)
+
+
+def check_sdpa_shapes(query: Array, key: Array, value: Array) -> tuple[int, ...]:
+    """Validate ``query (..., L, D)``, ``key (..., S, D)``, ``value (..., S, Dv)``.
+
+    Returns the shape of the score tensor, ``(..., L, S)``, where ``...`` is
+    the broadcast of the three leading shapes.
+    """
+    shapes = {"query": tuple(query.shape), "key": tuple(key.shape), "value": tuple(value.shape)}
+    for name, shape in shapes.items():
+        if len(shape) < 2:
+            raise ValueError(
+                f"{name} must have at least 2 dimensions (..., heads, length, features), "
+                f"got shape {shape}"
+            )
+    if not len(shapes["query"]) == len(shapes["key"]) == len(shapes["value"]):
+        raise ValueError(
+            "query, key and value must have the same number of dimensions, got shapes "
+            f"{shapes['query']}, {shapes['key']} and {shapes['value']}"
+        )
+    if shapes["query"][-1] != shapes["key"][-1]:
+        raise ValueError(
+            f"query and key must have the same feature size (last axis), got query "
+            f"{shapes['query']} and key {shapes['key']}"
+        )
+    if shapes["key"][-2] != shapes["value"][-2]:
+        raise ValueError(
+            f"key and value must have the same length (axis -2), got key {shapes['key']} "
+            f"and value {shapes['value']}"
+        )
+    lead = _broadcast({n: s[:-2] for n, s in shapes.items()})
+    return lead + (shapes["query"][-2], shapes["key"][-2])
+
+
+def _check_broadcasts_to(name: str, shape: tuple[int, ...], target: tuple[int, ...], labels: str) -> None:
+    ok = len(shape) <= len(target) and all(
+        s in (1, t) for s, t in zip(reversed(shape), reversed(target))
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must broadcast to the attention scores {labels} = {target}, "
+            f"got shape {tuple(shape)}"
+        )
+
+
+def check_mask(mask: Array, target: tuple[int, ...], xp: ModuleType, labels: str) -> None:
+    """A ``mask`` must be boolean (True = may attend) and broadcast to ``target``."""
+    require_bool("mask", mask, xp, MASK_MEANING)
+    _check_broadcasts_to("mask", tuple(mask.shape), target, labels)
+
+
+def check_bias(bias: Array, dtype: Any, target: tuple[int, ...], xp: ModuleType, labels: str) -> None:
+    """A ``bias`` must be real floating, of the inputs' dtype, broadcasting to ``target``."""
+    if xp.isdtype(bias.dtype, "bool"):
+        raise TypeError(
+            "bias must be a float array added to the scores, got a boolean array; "
+            f"pass boolean masks as mask= ({MASK_MEANING})"
+        )
+    require_real_floating("bias", bias, xp)
+    if bias.dtype != dtype:
+        raise TypeError(
+            f"bias has dtype {dtype_name(bias.dtype)} but the inputs are {dtype_name(dtype)}; "
+            "mha_xp does not promote dtypes silently: cast bias to the inputs' dtype"
+        )
+    _check_broadcasts_to("bias", tuple(bias.shape), target, labels)
+
+
+def check_same_dtype(xp: ModuleType, **arrays: Array) -> Any:
+    """All arrays real floating and of one dtype; return that dtype."""
+    dtype = first = None
+    for name, x in arrays.items():
+        require_real_floating(name, x, xp)
+        if dtype is None:
+            dtype, first = x.dtype, name
+        elif x.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {dtype_name(x.dtype)} but {first} has dtype "
+                f"{dtype_name(dtype)}; mha_xp does not promote dtypes silently: cast one of them"
+            )
+    return dtype

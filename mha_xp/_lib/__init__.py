@@ -1,0 +1,1 @@
+"""Private helpers: namespaces, devices, dtypes and portable math."""

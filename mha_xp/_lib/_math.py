@@ -1,0 +1,48 @@
+"""Portable math the array API standard does not provide."""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+from array_api_compat import device
+
+from ._namespace import Array
+
+__all__ = ["masked_softmax"]
+
+
+def masked_softmax(scores: Array, allowed: Array | None, /, *, xp: ModuleType) -> Array:
+    """Softmax over the last axis, restricted to the ``allowed`` entries.
+
+    A row with no allowed entry (or whose scores are all ``-inf``) gives all
+    zeros instead of the ``0/0 = NaN`` of the textbook formula, as torch's
+    SDPA and FlashAttention do. NaN in ``scores`` at an allowed position still
+    propagates: it was in the input.
+
+    Parameters
+    ----------
+    scores : array
+        Real floating scores, ``(..., S)``.
+    allowed : array of bool or None
+        Broadcastable to ``scores``; True where a score takes part.
+    xp : module
+        The array namespace.
+
+    Returns
+    -------
+    array
+        Probabilities with the shape and dtype of ``scores``.
+    """
+    dev = device(scores)
+    neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=dev)
+    zero = xp.asarray(0.0, dtype=scores.dtype, device=dev)
+    if allowed is not None:
+        # where, not multiplication: masked entries may hold NaN or Inf.
+        scores = xp.where(allowed, scores, neg_inf)
+    row_max = xp.max(scores, axis=-1, keepdims=True)
+    # A fully masked row has max -inf; shift by 0 instead so exp gives 0, not NaN.
+    row_max = xp.where(row_max == neg_inf, zero, row_max)
+    e = xp.exp(scores - row_max)
+    total = xp.sum(e, axis=-1, keepdims=True)
+    return e / xp.where(total == zero, xp.ones_like(total), total)

@@ -1,0 +1,175 @@
+"""Namespace, device and dtype helpers shared by the public entry points.
+
+Every public function gets its namespace once, here, and every error a user
+sees about namespaces, devices or dtypes is worded here.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+Array = Any
+
+__all__ = [
+    "Array",
+    "common_namespace",
+    "compute_dtype",
+    "convert",
+    "dtype_name",
+    "lib_name",
+    "normalize_namespace",
+    "require_bool",
+    "require_real_floating",
+]
+
+
+def lib_name(xp: ModuleType) -> str:
+    """Return the user-facing name of a namespace (``numpy``, ``torch``, ...)."""
+    name = getattr(xp, "__name__", repr(xp))
+    return name.removeprefix("array_api_compat.")
+
+
+def dtype_name(dtype: Any) -> str:
+    """Return a short dtype name (``float32`` rather than ``torch.float32``)."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def normalize_namespace(xp: Any) -> ModuleType:
+    """Turn a user-given namespace (``numpy``, ``torch``, ...) into its
+    array-API-compatible namespace (``array_api_compat.numpy``, ...)."""
+    try:
+        return array_namespace(xp.empty((0,)))
+    except Exception as exc:  # any failure means "not an array library"
+        raise TypeError(
+            f"xp must be an array API namespace such as numpy, cupy, torch or "
+            f"array_api_strict, got {xp!r}"
+        ) from exc
+
+
+def common_namespace(
+    expected: tuple[ModuleType, Any, str] | None = None, /, **arrays: Array | None
+) -> tuple[ModuleType, Any]:
+    """Return the namespace and device shared by the named arrays.
+
+    ``None`` entries are skipped. Every array must come from the same library
+    and live on the same device; mha_xp never converts or moves user arrays,
+    so a mismatch raises an error naming both arguments.
+
+    Parameters
+    ----------
+    expected : tuple of (namespace, device, hint), optional
+        When given (a layer's namespace and device), every array must match
+        it; ``hint`` is appended to the error message and says how to move
+        the layer.
+    **arrays
+        The arrays to check, by argument name.
+
+    Returns
+    -------
+    xp : module
+        The array-API-compatible namespace.
+    device : object
+        The common device.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array or the libraries differ.
+    ValueError
+        If the devices differ.
+    """
+    xp = dev = first = None
+    if expected is not None:
+        xp, dev, hint = expected
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+            raise TypeError(
+                f"{name} must be an array (numpy, cupy, torch, array_api_strict, ...), "
+                f"got {type(x).__name__}"
+            )
+        x_xp = array_namespace(x)
+        x_dev = device(x)
+        if xp is None:
+            xp, dev, first = x_xp, x_dev, name
+            continue
+        if first is None:  # checking against a layer
+            where_ns = f"the layer's weights are {lib_name(xp)} arrays"
+            where_dev = f"the layer's weights are on device {dev}"
+            fix = hint
+        else:
+            where_ns = f"{first} is a {lib_name(xp)} array"
+            where_dev = f"{first} is on device {dev}"
+            fix = f"pass all arrays from one library, on one device"
+        if x_xp is not xp:
+            raise TypeError(
+                f"{name} is a {lib_name(x_xp)} array but {where_ns}; "
+                f"mha_xp never converts between array libraries: {fix}"
+            )
+        if x_dev != dev:
+            raise ValueError(
+                f"{name} is on device {x_dev} but {where_dev}; "
+                f"mha_xp never moves arrays between devices: {fix}"
+            )
+    if xp is None:
+        raise TypeError("no array was given")
+    return xp, dev
+
+
+def require_real_floating(name: str, x: Array, xp: ModuleType) -> None:
+    """Raise ``TypeError`` unless ``x`` has a real floating dtype."""
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16, float32 or float64), "
+            f"got {dtype_name(x.dtype)}"
+        )
+
+
+def require_bool(name: str, x: Array, xp: ModuleType, meaning: str) -> None:
+    """Raise ``TypeError`` unless ``x`` is boolean."""
+    if not xp.isdtype(x.dtype, "bool"):
+        raise TypeError(
+            f"{name} must be a boolean array ({meaning}), got dtype "
+            f"{dtype_name(x.dtype)}; to add a float bias to the scores, pass bias= instead"
+        )
+
+
+def compute_dtype(dtype: Any, xp: ModuleType) -> Any:
+    """Dtype the attention is computed in: float32 for 16-bit inputs (softmax
+    sums and matmul accumulations overflow float16), the input's otherwise."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def convert(x: Array, xp: ModuleType, dev: Any) -> Array:
+    """Bring ``x`` into namespace ``xp`` on device ``dev`` (for explicit
+    requests such as ``from_weights(..., xp=...)`` and ``layer.to``).
+
+    An array that already lives there is returned as it is, without a copy.
+    """
+    if is_array_api_obj(x) and array_namespace(x) is xp:
+        if dev is None or device(x) == dev:
+            return x
+        return array_api_compat.to_device(x, dev)
+    if hasattr(x, "detach"):  # a torch tensor: leave autograd behind
+        x = x.detach()
+    try:
+        return xp.asarray(x, device=dev)
+    except Exception:
+        pass
+    try:
+        y = xp.from_dlpack(x)
+    except Exception:
+        # last resort for host-only bridges (e.g. a CUDA tensor to NumPy)
+        if hasattr(x, "cpu"):
+            return convert(x.cpu(), xp, dev)
+        if hasattr(x, "get"):  # CuPy to the host
+            return convert(x.get(), xp, dev)
+        raise TypeError(
+            f"cannot convert a {type(x).__module__}.{type(x).__name__} to {lib_name(xp)}"
+        ) from None
+    return y if dev is None or device(y) == dev else array_api_compat.to_device(y, dev)
