@@ -678,21 +678,28 @@ class MultiHeadAttention:
                 )
 
         if not batched:
-            query, key, value = (xp.expand_dims(t, axis=0) for t in (query, key, value))
+            # Expand each distinct array once, so self-attention keeps its fused projection.
+            q1 = xp.expand_dims(query, axis=0)
+            k1 = q1 if key is query else xp.expand_dims(key, axis=0)
+            value = k1 if value is key else q1 if value is query else xp.expand_dims(value, axis=0)
+            query, key = q1, k1
             if key_padding_mask is not None:
                 key_padding_mask = xp.expand_dims(key_padding_mask, axis=0)
-        q, k, v = self._project(query, key, value)
-        # An unbatched mask or bias, (H, L, S), broadcasts against (1, H, L, S) as it is.
-        allowed = mask
-        if is_causal:
-            allowed = combine(allowed, causal_mask(L, S, xp=xp, device=self._device), xp=xp)
+        allowed = mask  # an unbatched (H, L, S) mask broadcasts against (1, H, L, S) as it is
         if key_padding_mask is not None:
             keep = xp.logical_not(key_padding_mask)
             B = keep.shape[0]
             allowed = combine(allowed, xp.reshape(keep, (B, 1, 1, S)), xp=xp)
-            # Zero padded values: their weight is 0, but 0 * NaN would still be NaN.
-            zero = xp.zeros((), dtype=v.dtype, device=self._device)
-            v = xp.where(xp.reshape(keep, (B, 1, S, 1)), v, zero)
+            # Padding must be inert even when it holds NaN or Inf: a zero weight
+            # does not suffice (0 * NaN = NaN), so zero the padded inputs.
+            keep = xp.reshape(keep, (B, S, 1))
+            zero = xp.zeros((), dtype=self._dtype, device=self._device)
+            same = value is key
+            key = xp.where(keep, key, zero)
+            value = key if same else xp.where(keep, value, zero)
+        if is_causal:
+            allowed = combine(allowed, causal_mask(L, S, xp=xp, device=self._device), xp=xp)
+        q, k, v = self._project(query, key, value)
         result = attend(q, k, v, allowed=allowed, bias=bias, scale=1.0 / math.sqrt(self.head_dim),
                         return_weights=bool(return_weights), xp=xp)
         out, weights = result if return_weights else (result, None)

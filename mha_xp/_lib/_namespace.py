@@ -33,6 +33,11 @@ def lib_name(xp: ModuleType) -> str:
     return name.removeprefix("array_api_compat.")
 
 
+def _a(name: str) -> str:
+    """``name`` with its indefinite article: "a numpy", "an array_api_strict"."""
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def dtype_name(dtype: Any) -> str:
     """Return a short dtype name (``float32`` rather than ``torch.float32``)."""
     return str(dtype).rsplit(".", 1)[-1]
@@ -103,12 +108,12 @@ def common_namespace(
             where_dev = f"the layer's weights are on device {dev}"
             fix = hint
         else:
-            where_ns = f"{first} is a {lib_name(xp)} array"
+            where_ns = f"{first} is {_a(lib_name(xp))} array"
             where_dev = f"{first} is on device {dev}"
             fix = f"pass all arrays from one library, on one device"
         if x_xp is not xp:
             raise TypeError(
-                f"{name} is a {lib_name(x_xp)} array but {where_ns}; "
+                f"{name} is {_a(lib_name(x_xp))} array but {where_ns}; "
                 f"mha_xp never converts between array libraries: {fix}"
             )
         if x_dev != dev:
