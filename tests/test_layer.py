@@ -194,7 +194,7 @@ class TestTorchParity:
     @pytest.mark.parametrize("batch_first", [True, False])
     @pytest.mark.parametrize("kdim", [None, 6])
     @pytest.mark.parametrize("bias", [True, False])
-    @pytest.mark.parametrize("xp_name", ["numpy", "torch"])
+    @pytest.mark.parametrize("xp_name", ["numpy", "torch", "array_api_strict"])
     def test_module_parity(self, rng, batch_first, kdim, bias, xp_name):
         m = _torch_case(rng, batch_first=batch_first, kdim=kdim, bias=bias)
         target = make_backend(xp_name)

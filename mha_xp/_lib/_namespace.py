@@ -169,12 +169,14 @@ def convert(x: Array, xp: ModuleType, dev: Any) -> Array:
     try:
         y = xp.from_dlpack(x)
     except Exception:
-        # last resort for host-only bridges (e.g. a CUDA tensor to NumPy)
-        if hasattr(x, "cpu"):
-            return convert(x.cpu(), xp, dev)
-        if hasattr(x, "get"):  # CuPy to the host
-            return convert(x.get(), xp, dev)
-        raise TypeError(
-            f"cannot convert a {type(x).__module__}.{type(x).__name__} to {lib_name(xp)}"
-        ) from None
+        # Last resort, through host memory (e.g. a CUDA tensor to NumPy).
+        if hasattr(x, "cpu") and hasattr(x, "numpy"):  # torch
+            host = x.cpu().numpy()
+        elif hasattr(x, "get"):  # CuPy
+            host = x.get()
+        else:
+            raise TypeError(
+                f"cannot convert a {type(x).__module__}.{type(x).__name__} to {lib_name(xp)}"
+            ) from None
+        return xp.asarray(host, device=dev)
     return y if dev is None or device(y) == dev else array_api_compat.to_device(y, dev)
