@@ -6,9 +6,19 @@ returns arrays of the caller's library, on the caller's device, in the
 caller's dtype.
 """
 
-from ._attention import scaled_dot_product_attention
+from ._attention import attention_with_lse, merge_attention, scaled_dot_product_attention
+from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
 from ._layer import MultiHeadAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiHeadAttention", "__version__", "scaled_dot_product_attention"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "MultiHeadAttention",
+    "__version__",
+    "attention_with_lse",
+    "get_memory_budget",
+    "memory_budget",
+    "merge_attention",
+    "scaled_dot_product_attention",
+]

@@ -1,16 +1,59 @@
-"""Scaled dot-product attention: the public function and the shared core."""
+"""Scaled dot-product attention: the public functions and the shared core."""
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
-from ._checks import check_bias, check_mask, check_same_dtype, check_scale, check_sdpa_shapes
+from array_api_compat import device as device_of
+
+from ._checks import (
+    check_bias,
+    check_chunk_size,
+    check_mask,
+    check_same_dtype,
+    check_scale,
+    check_sdpa_shapes,
+)
+from ._chunked import chunked_attention, chunked_weights, merge_partials
+from ._config import resolve_budget
 from ._lib._math import masked_softmax
 from ._lib._namespace import Array, common_namespace, compute_dtype
 from ._masks import causal_mask, combine
 
-__all__ = ["attend", "scaled_dot_product_attention"]
+__all__ = [
+    "attend",
+    "attention_with_lse",
+    "merge_attention",
+    "plan_blocks",
+    "scaled_dot_product_attention",
+]
+
+# Default key block of the chunked path, and the size (elements) of one score
+# block across all batch and head indices: 2**21 float32 = 8 MiB stays within
+# the caches of a typical CPU while keeping the Python loop short.
+_K_BLOCK = 512
+_BLOCK_ELEMENTS = 2**21
+
+
+def plan_blocks(
+    lead: tuple[int, ...], L: int, S: int, itemsize: int, chunk_size: Any, budget: int
+) -> tuple[int, int] | None:
+    """Choose the dense path (``None``) or the chunked one with its blocks.
+
+    The dense path is taken while its ``(..., L, S)`` score tensor fits the
+    budget; ``chunk_size`` forces the chunked path with the given block.
+    """
+    if chunk_size is not None:
+        q_block, k_block = chunk_size
+        return min(q_block, max(L, 1)), min(k_block, max(S, 1))
+    n_lead = math.prod(lead)
+    if n_lead * L * S * itemsize <= budget:
+        return None
+    k_block = min(S, _K_BLOCK)
+    q_block = max(1, min(L, _BLOCK_ELEMENTS // max(1, n_lead * k_block)))
+    return q_block, k_block
 
 
 def attend(
@@ -19,31 +62,79 @@ def attend(
     value: Array,
     /,
     *,
-    allowed: Array | None,
+    mask: Array | None,
+    key_keep: Array | None,
     bias: Array | None,
+    is_causal: bool,
     scale: float,
     return_weights: bool,
+    return_lse: bool,
+    chunk_size: tuple[int, int] | None,
+    memory_budget: int | None,
     xp: ModuleType,
-) -> Array | tuple[Array, Array]:
+) -> tuple[Array, Array | None, Array | None]:
     """Attention on validated inputs: ``softmax(Q K^T * scale + bias, allowed) V``.
 
-    16-bit inputs are computed in float32 and the results cast back, so the
-    score matmul, the softmax sums and the weighted sum of values accumulate
-    in float32.
+    ``allowed`` is the AND of ``mask``, ``key_keep`` (False on padding keys,
+    broadcastable to ``(..., 1, S)``) and the causal triangle. Returns
+    ``(out, weights or None, lse or None)``.
+
+    16-bit inputs are computed in float32 (the score matmul, the softmax sums
+    and the weighted sum of values accumulate in float32); ``out`` and
+    ``weights`` are cast back, ``lse`` stays float32.
     """
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     if work != dtype:
         query, key, value = (xp.astype(t, work) for t in (query, key, value))
         bias = None if bias is None else xp.astype(bias, work)
-    scores = xp.matmul(query, xp.matrix_transpose(key)) * scale
-    if bias is not None:
-        scores = scores + bias
-    weights = masked_softmax(scores, allowed, xp=xp)
-    out = xp.matmul(weights, value)
+    L, S = query.shape[-2], key.shape[-2]
+    lead = tuple(max(a, b, c) for a, b, c in
+                 zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    blocks = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size,
+                         resolve_budget(memory_budget))
+    weights = lse = None
+    if blocks is None:
+        # Scale Q (L x D) rather than the scores (L x S).
+        scores = xp.matmul(query * scale, xp.matrix_transpose(key))
+        if bias is not None:
+            scores = scores + bias
+        causal = causal_mask(L, S, xp=xp, device=device_of(query)) if is_causal else None
+        allowed = combine(combine(mask, key_keep, xp=xp), causal, xp=xp)
+        if return_lse:
+            weights, lse = masked_softmax(scores, allowed, xp=xp, return_lse=True)
+        else:
+            weights = masked_softmax(scores, allowed, xp=xp)
+        out = xp.matmul(weights, value)
+        if not return_weights:
+            weights = None
+    else:
+        q_block, k_block = blocks
+        common = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
+                      scale=scale, q_block=q_block, k_block=k_block, xp=xp)
+        out, lse = chunked_attention(query, key, value, **common)
+        if return_weights:
+            weights = chunked_weights(query, key, lse, **common)
     if work != dtype:
-        out, weights = xp.astype(out, dtype), xp.astype(weights, dtype)
-    return (out, weights) if return_weights else out
+        out = xp.astype(out, dtype)
+        weights = None if weights is None else xp.astype(weights, dtype)
+    return out, weights, lse if return_lse else None
+
+
+def _validate(
+    query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
+    scale: Any, chunk_size: Any,
+) -> tuple[ModuleType, float, tuple[int, int] | None]:
+    """Shared validation of the public attention functions."""
+    xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
+    dtype = check_same_dtype(xp, query=query, key=key, value=value)
+    scores_shape = check_sdpa_shapes(query, key, value)
+    labels = "(..., H, L, S)"
+    if mask is not None:
+        check_mask(mask, scores_shape, xp, labels)
+    if bias is not None:
+        check_bias(bias, dtype, scores_shape, xp, labels)
+    return xp, check_scale(scale, query.shape[-1]), check_chunk_size(chunk_size)
 
 
 def scaled_dot_product_attention(
@@ -56,6 +147,8 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     return_weights: bool = False,
+    chunk_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Scaled dot-product attention on any array API library.
 
@@ -87,6 +180,13 @@ def scaled_dot_product_attention(
         Positive finite factor on ``Q K^T``; default ``1 / sqrt(D)``.
     return_weights : bool, default False
         Also return the attention weights.
+    chunk_size : int or (int, int), optional
+        Force the chunked path with this block size (one int for queries and
+        keys, or ``(query_block, key_block)``).
+    memory_budget : int, optional
+        Bytes the dense ``(..., H, L, S)`` score tensor may take before the
+        chunked path is used instead; default :func:`get_memory_budget`
+        (128 MiB unless configured).
 
     Returns
     -------
@@ -105,12 +205,23 @@ def scaled_dot_product_attention(
     ValueError
         Arrays on different devices, wrong ranks, mismatched shapes, a mask or
         bias that does not broadcast, a ``scale`` that is not positive and
-        finite.
+        finite, a bad ``chunk_size`` or ``memory_budget``.
+
+    See Also
+    --------
+    attention_with_lse : The same, returning the per-row log-sum-exp.
+    memory_budget : Set the budget for a block of code.
 
     Notes
     -----
-    This is the dense formulation: it materialises the ``(..., H, L, S)``
-    scores. 16-bit inputs are computed in float32 and the results cast back.
+    Two paths give the same numbers (to rounding): the dense one materialises
+    the ``(..., H, L, S)`` scores; the chunked one (FlashAttention-2's
+    online softmax over key blocks) needs memory linear in ``L`` and ``S`` and
+    skips key blocks above the causal diagonal. The dense path is taken while
+    its score tensor fits ``memory_budget``. With ``return_weights=True`` the
+    chunked path recomputes the weights block by block from the log-sum-exp,
+    so the output is the same whether or not weights are asked for. 16-bit
+    inputs are computed in float32 and the results cast back.
 
     Examples
     --------
@@ -126,19 +237,129 @@ def scaled_dot_product_attention(
     ((2, 4, 5, 16), (2, 4, 5, 7))
     >>> bool(np.allclose(w.sum(axis=-1), 1.0))
     True
+    >>> chunked = mha_xp.scaled_dot_product_attention(q, k, v, is_causal=True, chunk_size=3)
+    >>> bool(np.allclose(chunked, out))
+    True
     """
-    xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
-    dtype = check_same_dtype(xp, query=query, key=key, value=value)
-    scores_shape = check_sdpa_shapes(query, key, value)
-    labels = "(..., H, L, S)"
-    if mask is not None:
-        check_mask(mask, scores_shape, xp, labels)
-    if bias is not None:
-        check_bias(bias, dtype, scores_shape, xp, labels)
-    scale = check_scale(scale, query.shape[-1])
-    L, S = scores_shape[-2:]
-    allowed = combine(mask, causal_mask(L, S, xp=xp, device=dev) if is_causal else None, xp=xp)
-    return attend(
-        query, key, value, allowed=allowed, bias=bias, scale=scale,
-        return_weights=bool(return_weights), xp=xp,
+    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    out, weights, _ = attend(
+        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=bool(is_causal),
+        scale=scale, return_weights=bool(return_weights), return_lse=False,
+        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
     )
+    return (out, weights) if return_weights else out
+
+
+def attention_with_lse(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Array, Array]:
+    """Attention output and the per-row log-sum-exp of the scores.
+
+    The building block of split-key and distributed attention: attention over
+    disjoint key sets, merged with :func:`merge_attention`, equals attention
+    over their union.
+
+    Parameters
+    ----------
+    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+        As in :func:`scaled_dot_product_attention`.
+
+    Returns
+    -------
+    out : array, shape (..., H, L, Dv)
+        As :func:`scaled_dot_product_attention` returns it.
+    lse : array, shape (..., H, L)
+        ``log(sum_j exp(s_ij))`` over the allowed keys, with ``s`` the scaled,
+        biased scores; ``+inf`` for a row with nothing to attend to (as in
+        FlashAttention, so that ``exp(s - lse)`` is 0 there). float32 for
+        16-bit inputs, the inputs' dtype otherwise.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`scaled_dot_product_attention`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mha_xp
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((3, 6, 8)) for _ in range(3))
+    >>> out, lse = mha_xp.attention_with_lse(q, k, v)
+    >>> s = q @ k.swapaxes(-1, -2) / np.sqrt(8)
+    >>> bool(np.allclose(lse, np.log(np.exp(s).sum(axis=-1))))
+    True
+    """
+    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    out, _, lse = attend(
+        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=bool(is_causal),
+        scale=scale, return_weights=False, return_lse=True,
+        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+    )
+    return out, lse
+
+
+def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple[Array, Array]:
+    """Merge two attention results over disjoint key sets of the same queries.
+
+    ``lse = logaddexp(lse1, lse2)`` and
+    ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2``; a row whose
+    ``lse`` is ``+inf`` on one side (no key there) takes the other side as it
+    is, and stays ``out = 0, lse = +inf`` if both sides are empty.
+
+    Parameters
+    ----------
+    out1, out2 : array, shape (..., L, Dv)
+        Outputs of :func:`attention_with_lse` over the two key sets.
+    lse1, lse2 : array, shape (..., L)
+        Their log-sum-exps.
+
+    Returns
+    -------
+    out : array, shape (..., L, Dv)
+    lse : array, shape (..., L)
+
+    Raises
+    ------
+    TypeError
+        Arrays from different libraries or of non-floating dtypes.
+    ValueError
+        Shapes that do not match.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mha_xp
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((4, 8)), rng.standard_normal((10, 8)), rng.standard_normal((10, 3))
+    >>> first = mha_xp.attention_with_lse(q, k[:6], v[:6])
+    >>> second = mha_xp.attention_with_lse(q, k[6:], v[6:])
+    >>> out, lse = mha_xp.merge_attention(*first, *second)
+    >>> bool(np.allclose(out, mha_xp.scaled_dot_product_attention(q, k, v)))
+    True
+    """
+    xp, _ = common_namespace(out1=out1, lse1=lse1, out2=out2, lse2=lse2)
+    check_same_dtype(xp, out1=out1, out2=out2)
+    check_same_dtype(xp, lse1=lse1, lse2=lse2)
+    if tuple(out1.shape) != tuple(out2.shape):
+        raise ValueError(f"out1 and out2 must have the same shape, got {tuple(out1.shape)} and {tuple(out2.shape)}")
+    for name, lse in (("lse1", lse1), ("lse2", lse2)):
+        if tuple(lse.shape) != tuple(out1.shape[:-1]):
+            raise ValueError(
+                f"{name} must have shape {tuple(out1.shape[:-1])} (out1's without the last axis), "
+                f"got {tuple(lse.shape)}"
+            )
+    work = lse1.dtype
+    if out1.dtype != work:  # 16-bit outputs come with float32 log-sum-exps
+        out, lse = merge_partials(xp.astype(out1, work), lse1, xp.astype(out2, work), lse2, xp=xp)
+        return xp.astype(out, out1.dtype), lse
+    return merge_partials(out1, lse1, out2, lse2, xp=xp)

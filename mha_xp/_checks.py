@@ -11,6 +11,7 @@ from ._lib._namespace import Array, dtype_name, require_bool, require_real_float
 
 __all__ = [
     "check_bias",
+    "check_chunk_size",
     "check_mask",
     "check_positive_int",
     "check_same_dtype",
@@ -28,6 +29,18 @@ def check_positive_int(name: str, value: Any) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return int(value)
+
+
+def check_chunk_size(chunk_size: Any) -> tuple[int, int] | None:
+    """Return ``(query_block, key_block)`` from an int or a pair, or None."""
+    if chunk_size is None:
+        return None
+    pair = chunk_size if isinstance(chunk_size, (tuple, list)) else (chunk_size, chunk_size)
+    if len(pair) != 2:
+        raise ValueError(
+            f"chunk_size must be an int or a pair (query_block, key_block), got {chunk_size!r}"
+        )
+    return (check_positive_int("chunk_size", pair[0]), check_positive_int("chunk_size", pair[1]))
 
 
 def check_scale(scale: Any, head_dim: int) -> float:

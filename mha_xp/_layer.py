@@ -11,7 +11,7 @@ import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
 from ._attention import attend
-from ._checks import check_bias, check_mask, check_positive_int
+from ._checks import check_bias, check_chunk_size, check_mask, check_positive_int
 from ._lib._namespace import (
     Array,
     common_namespace,
@@ -22,7 +22,6 @@ from ._lib._namespace import (
     require_bool,
     require_real_floating,
 )
-from ._masks import causal_mask, combine
 
 __all__ = ["MultiHeadAttention"]
 
@@ -571,6 +570,8 @@ class MultiHeadAttention:
         is_causal: bool = False,
         return_weights: bool = False,
         average_weights: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
     ) -> Array | tuple[Array, Array]:
         """Apply multi-head attention.
 
@@ -600,6 +601,13 @@ class MultiHeadAttention:
         average_weights : bool, default True
             Return weights averaged over heads ``(B, L, S)`` rather than per
             head ``(B, H, L, S)``.
+        chunk_size : int or (int, int), optional
+            Force the chunked attention path with this block size; see
+            :func:`scaled_dot_product_attention`.
+        memory_budget : int, optional
+            Bytes the dense ``(B, H, L, S)`` score tensor may take before the
+            chunked path (memory linear in ``L`` and ``S``) is used instead;
+            default :func:`get_memory_budget`.
 
         Returns
         -------
@@ -661,6 +669,7 @@ class MultiHeadAttention:
                 f"query and key must have the same batch size, got query {tuple(query.shape)} "
                 f"and key {tuple(key.shape)}"
             )
+        chunk_size = check_chunk_size(chunk_size)
         L, S, H = query.shape[-2], key.shape[-2], self.num_heads
         scores_shape = ((query.shape[0],) if batched else ()) + (H, L, S)
         labels = "(B, H, L, S)" if batched else "(H, L, S)"
@@ -685,11 +694,11 @@ class MultiHeadAttention:
             query, key = q1, k1
             if key_padding_mask is not None:
                 key_padding_mask = xp.expand_dims(key_padding_mask, axis=0)
-        allowed = mask  # an unbatched (H, L, S) mask broadcasts against (1, H, L, S) as it is
+        key_keep = None
         if key_padding_mask is not None:
             keep = xp.logical_not(key_padding_mask)
             B = keep.shape[0]
-            allowed = combine(allowed, xp.reshape(keep, (B, 1, 1, S)), xp=xp)
+            key_keep = xp.reshape(keep, (B, 1, 1, S))
             # Padding must be inert even when it holds NaN or Inf: a zero weight
             # does not suffice (0 * NaN = NaN), so zero the padded inputs.
             keep = xp.reshape(keep, (B, S, 1))
@@ -697,12 +706,13 @@ class MultiHeadAttention:
             same = value is key
             key = xp.where(keep, key, zero)
             value = key if same else xp.where(keep, value, zero)
-        if is_causal:
-            allowed = combine(allowed, causal_mask(L, S, xp=xp, device=self._device), xp=xp)
         q, k, v = self._project(query, key, value)
-        result = attend(q, k, v, allowed=allowed, bias=bias, scale=1.0 / math.sqrt(self.head_dim),
-                        return_weights=bool(return_weights), xp=xp)
-        out, weights = result if return_weights else (result, None)
+        # An unbatched (H, L, S) mask or bias broadcasts against (1, H, L, S) as it is.
+        out, weights, _ = attend(
+            q, k, v, mask=mask, key_keep=key_keep, bias=bias, is_causal=bool(is_causal),
+            scale=1.0 / math.sqrt(self.head_dim), return_weights=bool(return_weights),
+            return_lse=False, chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+        )
         B = out.shape[0]
         out = xp.reshape(xp.permute_dims(out, (0, 2, 1, 3)), (B, L, self.embed_dim))
         out = _linear(out, self._params["out_proj.weight"], self._params.get("out_proj.bias"), xp)

@@ -12,7 +12,9 @@ from ._namespace import Array
 __all__ = ["masked_softmax"]
 
 
-def masked_softmax(scores: Array, allowed: Array | None, /, *, xp: ModuleType) -> Array:
+def masked_softmax(
+    scores: Array, allowed: Array | None, /, *, xp: ModuleType, return_lse: bool = False
+) -> Array | tuple[Array, Array]:
     """Softmax over the last axis, restricted to the ``allowed`` entries.
 
     A row with no allowed entry (or whose scores are all ``-inf``) gives all
@@ -28,11 +30,17 @@ def masked_softmax(scores: Array, allowed: Array | None, /, *, xp: ModuleType) -
         Broadcastable to ``scores``; True where a score takes part.
     xp : module
         The array namespace.
+    return_lse : bool, default False
+        Also return the log-sum-exp of each row, ``(...,)``: ``+inf`` for a
+        row with nothing allowed (so that ``exp(s - lse)`` is 0 there, as in
+        FlashAttention).
 
     Returns
     -------
     array
         Probabilities with the shape and dtype of ``scores``.
+    lse : array
+        Only with ``return_lse=True``.
     """
     dev = device(scores)
     neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=dev)
@@ -45,4 +53,10 @@ def masked_softmax(scores: Array, allowed: Array | None, /, *, xp: ModuleType) -
     row_max = xp.where(row_max == neg_inf, zero, row_max)
     e = xp.exp(scores - row_max)
     total = xp.sum(e, axis=-1, keepdims=True)
-    return e / xp.where(total == zero, xp.ones_like(total), total)
+    empty = total == zero
+    safe = xp.where(empty, xp.ones_like(total), total)
+    probs = e / safe
+    if not return_lse:
+        return probs
+    inf = xp.asarray(math.inf, dtype=scores.dtype, device=dev)
+    return probs, xp.where(empty, inf, row_max + xp.log(safe))[..., 0]

@@ -1,0 +1,242 @@
+"""Attention in memory linear in the sequence length: the FlashAttention-2
+forward (online softmax over key blocks), written against the array API.
+
+For each block of queries, a running row maximum ``m``, a running sum ``l``
+of ``exp(s - m)`` and an unnormalised output ``acc`` are carried over the key
+blocks; when a block raises the maximum, the old sum and output are rescaled
+by ``exp(m_old - m_new)``. Only one ``(..., q_block, k_block)`` score block
+is alive at a time. Masks from ``is_causal`` and from padding are built per
+block from index arithmetic; key blocks entirely above the causal diagonal are
+skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import device as device_of
+
+from ._lib._namespace import Array
+
+__all__ = [
+    "block_scores",
+    "causal_key_end",
+    "chunked_attention",
+    "chunked_weights",
+    "merge_partials",
+    "slice_block",
+]
+
+
+def slice_block(x: Array | None, rows: slice, cols: slice) -> Array | None:
+    """The ``(rows, cols)`` block of an array broadcastable to ``(..., L, S)``.
+
+    An axis of size 1 (broadcast) is kept whole.
+    """
+    if x is None:
+        return None
+    r = rows if x.shape[-2] != 1 else slice(None)
+    c = cols if x.shape[-1] != 1 else slice(None)
+    return x[..., r, c]
+
+
+def block_scores(
+    q: Array,
+    key: Array,
+    /,
+    *,
+    mask: Array | None,
+    key_keep: Array | None,
+    bias: Array | None,
+    is_causal: bool,
+    rows: slice,
+    cols: slice,
+    offset: int,
+    xp: ModuleType,
+) -> Array:
+    """Scores of the query block ``q`` (already scaled) against keys ``cols``,
+    with ``-inf`` where the block's mask, padding or causal triangle forbid."""
+    s = xp.matmul(q, xp.matrix_transpose(key[..., cols, :]))
+    if bias is not None:
+        s = s + slice_block(bias, rows, cols)
+    allowed = slice_block(mask, rows, cols)
+    if key_keep is not None:
+        keep = key_keep[..., cols]
+        allowed = keep if allowed is None else xp.logical_and(allowed, keep)
+    if is_causal and cols.stop - 1 > rows.start + offset:  # the block crosses the diagonal
+        dev = device_of(q)
+        i = xp.arange(rows.start, rows.stop, device=dev)
+        j = xp.arange(cols.start, cols.stop, device=dev)
+        tri = xp.expand_dims(i + offset, axis=1) >= xp.expand_dims(j, axis=0)
+        allowed = tri if allowed is None else xp.logical_and(allowed, tri)
+    if allowed is None:
+        return s
+    return xp.where(allowed, s, xp.asarray(-math.inf, dtype=s.dtype, device=device_of(s)))
+
+
+def causal_key_end(i1: int, S: int, offset: int, is_causal: bool) -> int:
+    """One past the last key that query rows ``< i1`` may see."""
+    return max(0, min(S, i1 + offset)) if is_causal else S
+
+
+def chunked_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    /,
+    *,
+    mask: Array | None,
+    key_keep: Array | None,
+    bias: Array | None,
+    is_causal: bool,
+    scale: float,
+    q_block: int,
+    k_block: int,
+    xp: ModuleType,
+) -> tuple[Array, Array]:
+    """Blocked attention on validated, already up-cast inputs.
+
+    Parameters
+    ----------
+    query, key, value : array
+        ``(..., L, D)``, ``(..., S, D)``, ``(..., S, Dv)`` in the compute dtype.
+    mask : array of bool or None
+        Broadcastable to ``(..., L, S)``; True = may attend.
+    key_keep : array of bool or None
+        Broadcastable to ``(..., 1, S)``; False marks padding keys.
+    bias : array or None
+        Broadcastable to ``(..., L, S)``, in the compute dtype.
+    is_causal : bool
+        Bottom-right causal masking.
+    scale : float
+        Factor on the scores.
+    q_block, k_block : int
+        Block sizes along queries and keys.
+    xp : module
+        The namespace.
+
+    Returns
+    -------
+    out : array
+        ``(..., L, Dv)`` in the compute dtype; zero for fully masked rows.
+    lse : array
+        ``(..., L)``, the log-sum-exp of each row's scaled scores; ``+inf``
+        for a fully masked row (so that ``exp(s - lse)`` is 0 there).
+    """
+    L, S = query.shape[-2], key.shape[-2]
+    dtype, dev = query.dtype, device_of(query)
+    lead = tuple(
+        max(a, b, c) for a, b, c in zip(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    )
+    neg_inf = xp.asarray(-math.inf, dtype=dtype, device=dev)
+    pos_inf = xp.asarray(math.inf, dtype=dtype, device=dev)
+    zero = xp.asarray(0.0, dtype=dtype, device=dev)
+    one = xp.asarray(1.0, dtype=dtype, device=dev)
+    offset = S - L  # bottom-right alignment: query i sees keys j <= i + offset
+    query = query * scale  # once per query, not once per score
+
+    outs, lses = [], []
+    for i0 in range(0, L, q_block):
+        i1 = min(i0 + q_block, L)
+        rows = slice(i0, i1)
+        q = query[..., rows, :]
+        m = l = acc = None
+        # With is_causal, key blocks beyond the last row's diagonal are skipped.
+        j_end = causal_key_end(i1, S, offset, is_causal)
+        for j0 in range(0, j_end, k_block):
+            j1 = min(j0 + k_block, j_end)
+            cols = slice(j0, j1)
+            s = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
+                             is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp)
+            block_max = xp.max(s, axis=-1, keepdims=True)
+            m_new = block_max if m is None else xp.maximum(m, block_max)
+            # A row with nothing allowed yet has max -inf: shift by 0 so exp gives 0.
+            shift = xp.where(m_new == neg_inf, zero, m_new)
+            p = xp.exp(s - shift)
+            pv = xp.matmul(p, value[..., cols, :])
+            if m is None:
+                l, acc = xp.sum(p, axis=-1, keepdims=True), pv
+            else:
+                alpha = xp.exp(m - shift)  # rescales what the earlier blocks summed
+                l = alpha * l + xp.sum(p, axis=-1, keepdims=True)
+                acc = alpha * acc + pv
+            m = m_new
+        rows_lead = lead + (i1 - i0,)
+        if m is None:  # every key block lies above the diagonal: nothing to attend to
+            outs.append(xp.zeros(rows_lead + (value.shape[-1],), dtype=dtype, device=dev))
+            lses.append(xp.full(rows_lead, math.inf, dtype=dtype, device=dev))
+            continue
+        empty = l == zero
+        outs.append(xp.broadcast_to(acc / xp.where(empty, one, l), rows_lead + (value.shape[-1],)))
+        shift = xp.where(m == neg_inf, zero, m)
+        lse = xp.where(empty, pos_inf, shift + xp.log(xp.where(empty, one, l)))
+        lses.append(xp.broadcast_to(lse[..., 0], rows_lead))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return xp.concat(outs, axis=-2), xp.concat(lses, axis=-1)
+
+
+def merge_partials(
+    out1: Array, lse1: Array, out2: Array, lse2: Array, /, *, xp: ModuleType
+) -> tuple[Array, Array]:
+    """Merge attention over two disjoint key sets.
+
+    ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2``,
+    where an ``lse`` of ``+inf`` marks a row that had no key (its output is
+    ignored, its weight is 0).
+    """
+    dtype, dev = out1.dtype, device_of(out1)
+    pos_inf = xp.asarray(math.inf, dtype=lse1.dtype, device=dev)
+    zero = xp.asarray(0.0, dtype=lse1.dtype, device=dev)
+    e1, e2 = lse1 == pos_inf, lse2 == pos_inf
+    both = xp.logical_and(e1, e2)
+    # The larger of the two (ignoring empty sides) keeps exp() from overflowing.
+    top = xp.where(e1, lse2, xp.where(e2, lse1, xp.maximum(lse1, lse2)))
+    top = xp.where(both, zero, top)
+    w1 = xp.where(e1, zero, xp.exp(lse1 - top))
+    w2 = xp.where(e2, zero, xp.exp(lse2 - top))
+    total = w1 + w2
+    lse = xp.where(both, pos_inf, top + xp.log(xp.where(both, xp.ones_like(total), total)))
+    safe = xp.where(both, xp.ones_like(total), total)
+    w1, w2 = xp.expand_dims(w1 / safe, axis=-1), xp.expand_dims(w2 / safe, axis=-1)
+    out = w1 * xp.where(xp.expand_dims(e1, axis=-1), xp.zeros((), dtype=dtype, device=dev), out1) \
+        + w2 * xp.where(xp.expand_dims(e2, axis=-1), xp.zeros((), dtype=dtype, device=dev), out2)
+    return out, lse
+
+
+def chunked_weights(
+    query: Array,
+    key: Array,
+    lse: Array,
+    /,
+    *,
+    mask: Array | None,
+    key_keep: Array | None,
+    bias: Array | None,
+    is_causal: bool,
+    scale: float,
+    q_block: int,
+    k_block: int,
+    xp: ModuleType,
+) -> Array:
+    """The attention weights ``exp(s - lse)``, recomputed block by block from
+    the forward's log-sum-exp, so that asking for them never changes the
+    output. Rows with ``lse = +inf`` (nothing to attend to) are all zero."""
+    L, S = query.shape[-2], key.shape[-2]
+    offset = S - L
+    query = query * scale
+    lse = xp.expand_dims(lse, axis=-1)
+    rows_out = []
+    for i0 in range(0, L, q_block):
+        rows = slice(i0, min(i0 + q_block, L))
+        q, row_lse = query[..., rows, :], lse[..., rows, :]
+        blocks = [
+            xp.exp(block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
+                                is_causal=is_causal, rows=rows, cols=slice(j0, min(j0 + k_block, S)),
+                                offset=offset, xp=xp) - row_lse)
+            for j0 in range(0, S, k_block)
+        ]
+        rows_out.append(blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-1))
+    return rows_out[0] if len(rows_out) == 1 else xp.concat(rows_out, axis=-2)
