@@ -303,6 +303,13 @@ class MultiHeadAttention:
         MultiHeadAttention
             A layer with the weights' dtype.
 
+        Notes
+        -----
+        Arrays already in the layer's namespace and on its device are used as
+        they are (``q_weight``, ``k_weight`` and ``v_weight`` are concatenated
+        into one ``in_proj_weight`` when all are ``(E, E)``); arrays from
+        another library are copied.
+
         Raises
         ------
         TypeError
@@ -400,6 +407,11 @@ class MultiHeadAttention:
         ------
         ValueError
             Missing, unexpected or mis-shaped entries.
+
+        Notes
+        -----
+        Arrays already in the layer's namespace and on its device are used as
+        they are, without a copy; arrays from another library are copied.
         TypeError
             Entries that are not floating arrays, or of different dtypes.
 
@@ -485,7 +497,7 @@ class MultiHeadAttention:
         return dict(self._params)
 
     def to(self, *, xp: ModuleType | None = None, device: Any = None, dtype: Any = None) -> MultiHeadAttention:
-        """Return a copy of the layer in another namespace, device or dtype.
+        """Return the layer in another namespace, device or dtype.
 
         Parameters
         ----------
@@ -500,7 +512,9 @@ class MultiHeadAttention:
         Returns
         -------
         MultiHeadAttention
-            A new layer; this one is unchanged.
+            A new layer; this one is unchanged. Weights that move to another
+            library are copied; weights that need no change are shared (mha_xp
+            never modifies weights in place).
 
         Examples
         --------

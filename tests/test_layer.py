@@ -267,8 +267,10 @@ class TestTorchParity:
 
     def test_port_does_not_share_memory(self, rng):
         m = _torch_case(rng, batch_first=True, kdim=None, bias=True)
-        layer = MHA.from_torch(m)
-        before = layer.state_dict()["in_proj_weight"].copy()
+        ports = [MHA.from_torch(m), MHA.from_state_dict(m.state_dict(), num_heads=4, xp=np),
+                 MHA.from_torch(m, xp=torch).to(xp=np)]
+        before = [p.state_dict()["in_proj_weight"].copy() for p in ports]
         with torch.no_grad():
             m.in_proj_weight.add_(1.0)
-        np.testing.assert_array_equal(layer.state_dict()["in_proj_weight"], before)
+        for port, weights in zip(ports, before):
+            np.testing.assert_array_equal(port.state_dict()["in_proj_weight"], weights)

@@ -48,10 +48,11 @@ def normalize_namespace(xp: Any) -> ModuleType:
     array-API-compatible namespace (``array_api_compat.numpy``, ...)."""
     try:
         return array_namespace(xp.empty((0,)))
-    except Exception as exc:  # any failure means "not an array library"
+    except Exception as exc:  # any failure means "not a usable array library"
         raise TypeError(
             f"xp must be an array API namespace such as numpy, cupy, torch or "
-            f"array_api_strict, got {xp!r}"
+            f"array_api_strict, got {xp!r} (creating an array with it failed: "
+            f"{type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -154,7 +155,9 @@ def convert(x: Array, xp: ModuleType, dev: Any) -> Array:
     """Bring ``x`` into namespace ``xp`` on device ``dev`` (for explicit
     requests such as ``from_weights(..., xp=...)`` and ``layer.to``).
 
-    An array that already lives there is returned as it is, without a copy.
+    An array that already lives there is returned as it is; one that crosses
+    libraries is copied, so the result never shares memory with the source
+    (a torch module that keeps training must not change a ported layer).
     """
     if is_array_api_obj(x) and array_namespace(x) is xp:
         if dev is None or device(x) == dev:
@@ -163,11 +166,11 @@ def convert(x: Array, xp: ModuleType, dev: Any) -> Array:
     if hasattr(x, "detach"):  # a torch tensor: leave autograd behind
         x = x.detach()
     try:
-        return xp.asarray(x, device=dev)
+        return xp.asarray(x, device=dev, copy=True)
     except Exception:
         pass
     try:
-        y = xp.from_dlpack(x)
+        y = xp.asarray(xp.from_dlpack(x), copy=True)
     except Exception:
         # Last resort, through host memory (e.g. a CUDA tensor to NumPy).
         if hasattr(x, "cpu") and hasattr(x, "numpy"):  # torch
@@ -178,5 +181,5 @@ def convert(x: Array, xp: ModuleType, dev: Any) -> Array:
             raise TypeError(
                 f"cannot convert a {type(x).__module__}.{type(x).__name__} to {lib_name(xp)}"
             ) from None
-        return xp.asarray(host, device=dev)
+        return xp.asarray(host, device=dev, copy=True)
     return y if dev is None or device(y) == dev else array_api_compat.to_device(y, dev)
