@@ -18,6 +18,7 @@ from typing import Any
 
 from array_api_compat import device as device_of
 
+from ._lib._inplace import add_into, shifted_exp, writes_in_place
 from ._lib._namespace import Array
 
 __all__ = [
@@ -55,12 +56,13 @@ def block_scores(
     cols: slice,
     offset: int,
     xp: ModuleType,
+    in_place: bool = False,
 ) -> Array:
     """Scores of the query block ``q`` (already scaled) against keys ``cols``,
     with ``-inf`` where the block's mask, padding or causal triangle forbid."""
     s = xp.matmul(q, xp.matrix_transpose(key[..., cols, :]))
     if bias is not None:
-        s = s + slice_block(bias, rows, cols)
+        s = add_into(s, slice_block(bias, rows, cols), xp=xp, in_place=in_place)
     allowed = slice_block(mask, rows, cols)
     if key_keep is not None:
         keep = key_keep[..., cols]
@@ -95,6 +97,7 @@ def chunked_attention(
     q_block: int,
     k_block: int,
     xp: ModuleType,
+    in_place: bool | None = None,
 ) -> tuple[Array, Array]:
     """Blocked attention on validated, already up-cast inputs.
 
@@ -116,6 +119,9 @@ def chunked_attention(
         Block sizes along queries and keys.
     xp : module
         The namespace.
+    in_place : bool, optional
+        Overwrite score blocks in place (default: where the backend allows;
+        False forces the portable path).
 
     Returns
     -------
@@ -136,6 +142,8 @@ def chunked_attention(
     one = xp.asarray(1.0, dtype=dtype, device=dev)
     offset = S - L  # bottom-right alignment: query i sees keys j <= i + offset
     query = query * scale  # once per query, not once per score
+    if in_place is None:
+        in_place = writes_in_place(xp)
 
     outs, lses = [], []
     for i0 in range(0, L, q_block):
@@ -149,12 +157,13 @@ def chunked_attention(
             j1 = min(j0 + k_block, j_end)
             cols = slice(j0, j1)
             s = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
-                             is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp)
+                             is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp,
+                             in_place=in_place)
             block_max = xp.max(s, axis=-1, keepdims=True)
             m_new = block_max if m is None else xp.maximum(m, block_max)
             # A row with nothing allowed yet has max -inf: shift by 0 so exp gives 0.
             shift = xp.where(m_new == neg_inf, zero, m_new)
-            p = xp.exp(s - shift)
+            p = shifted_exp(s, shift, xp=xp, in_place=in_place)
             pv = xp.matmul(p, value[..., cols, :])
             if m is None:
                 l, acc = xp.sum(p, axis=-1, keepdims=True), pv

@@ -213,3 +213,45 @@ class TestWorkAndMemory:
         assert large < 0.6 * dense_scores, f"chunked path peaked at {large / 2**20:.0f} MiB"
         # Doubling L and S doubles the memory (quadratic would be 4x).
         assert large / small < 2.6, (small, large)
+
+
+class TestInPlaceFastPath:
+    """NumPy's in-place fast path against the portable path it replaces."""
+
+    def test_chunked_bit_identical(self, rng):
+        import array_api_compat.numpy as xp
+
+        from mha_xp._chunked import chunked_attention
+
+        q, k, v = (rng.standard_normal(s) for s in [(2, 3, 9, 4), (2, 3, 11, 4), (2, 3, 11, 5)])
+        mask = rng.random((9, 11)) < 0.8
+        bias = rng.standard_normal((3, 9, 11))
+        keep = rng.random((2, 1, 1, 11)) < 0.8
+        kwargs = dict(mask=mask, key_keep=keep, bias=bias, is_causal=True, scale=0.3,
+                      q_block=4, k_block=3, xp=xp)
+        fast = chunked_attention(q, k, v, **kwargs, in_place=True)
+        portable = chunked_attention(q, k, v, **kwargs, in_place=False)
+        for a, b in zip(fast, portable):
+            np.testing.assert_array_equal(a, b)
+
+    def test_softmax_bit_identical(self, rng):
+        import array_api_compat.numpy as xp
+
+        from mha_xp._lib._math import masked_softmax
+
+        s = rng.standard_normal((3, 5, 7))
+        allowed = rng.random((5, 7)) < 0.7
+        allowed[2] = False
+        portable = masked_softmax(s.copy(), allowed, xp=xp, return_lse=True, in_place=False)
+        fast = masked_softmax(s.copy(), allowed, xp=xp, return_lse=True, in_place=True)
+        for a, b in zip(fast, portable):
+            np.testing.assert_array_equal(a, b)
+
+    def test_caller_arrays_untouched(self, rng):
+        q, k, v = (rng.standard_normal((2, 6, 4)) for _ in range(3))
+        bias = rng.standard_normal((6, 6))
+        copies = [t.copy() for t in (q, k, v, bias)]
+        sdpa(q, k, v, bias=bias)
+        sdpa(q, k, v, bias=bias, chunk_size=2)
+        for a, b in zip((q, k, v, bias), copies):
+            np.testing.assert_array_equal(a, b)

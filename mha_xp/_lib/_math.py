@@ -7,13 +7,20 @@ from types import ModuleType
 
 from array_api_compat import device
 
+from ._inplace import divide_into, shifted_exp, writes_in_place
 from ._namespace import Array
 
 __all__ = ["masked_softmax"]
 
 
 def masked_softmax(
-    scores: Array, allowed: Array | None, /, *, xp: ModuleType, return_lse: bool = False
+    scores: Array,
+    allowed: Array | None,
+    /,
+    *,
+    xp: ModuleType,
+    return_lse: bool = False,
+    in_place: bool | None = None,
 ) -> Array | tuple[Array, Array]:
     """Softmax over the last axis, restricted to the ``allowed`` entries.
 
@@ -34,6 +41,9 @@ def masked_softmax(
         Also return the log-sum-exp of each row, ``(...,)``: ``+inf`` for a
         row with nothing allowed (so that ``exp(s - lse)`` is 0 there, as in
         FlashAttention).
+    in_place : bool, optional
+        Overwrite ``scores`` (which must then be a temporary of the caller's)
+        where the backend allows; default: where the backend allows.
 
     Returns
     -------
@@ -51,11 +61,13 @@ def masked_softmax(
     row_max = xp.max(scores, axis=-1, keepdims=True)
     # A fully masked row has max -inf; shift by 0 instead so exp gives 0, not NaN.
     row_max = xp.where(row_max == neg_inf, zero, row_max)
-    e = xp.exp(scores - row_max)
+    if in_place is None:
+        in_place = writes_in_place(xp)
+    e = shifted_exp(scores, row_max, xp=xp, in_place=in_place)
     total = xp.sum(e, axis=-1, keepdims=True)
     empty = total == zero
     safe = xp.where(empty, xp.ones_like(total), total)
-    probs = e / safe
+    probs = divide_into(e, safe, xp=xp, in_place=in_place)
     if not return_lse:
         return probs
     inf = xp.asarray(math.inf, dtype=scores.dtype, device=dev)

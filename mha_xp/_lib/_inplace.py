@@ -1,0 +1,47 @@
+"""The one backend-specific fast path: in-place elementwise updates.
+
+The portable path allocates a new array per elementwise step, as it must
+(JAX arrays are immutable). NumPy and CuPy can overwrite a temporary that
+mha_xp itself created, which saves an allocation and a pass through memory
+per step on the score blocks. Tests run both paths against each other
+(``tests/test_chunked.py``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from array_api_compat import is_cupy_namespace, is_numpy_namespace
+
+from ._namespace import Array
+
+__all__ = ["add_into", "divide_into", "shifted_exp", "writes_in_place"]
+
+
+def writes_in_place(xp: ModuleType) -> bool:
+    """Whether ``xp``'s elementwise functions take ``out=`` (NumPy, CuPy)."""
+    return is_numpy_namespace(xp) or is_cupy_namespace(xp)
+
+
+def add_into(s: Array, b: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``s + b``, overwriting ``s`` (a temporary of ours) when allowed."""
+    if in_place and b.ndim <= s.ndim and all(
+        bi in (1, si) for bi, si in zip(reversed(b.shape), reversed(s.shape))
+    ):
+        return xp.add(s, b, out=s)
+    return s + b
+
+
+def shifted_exp(s: Array, shift: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``exp(s - shift)``, overwriting ``s`` (a temporary of ours) when allowed."""
+    if in_place:
+        xp.subtract(s, shift, out=s)
+        return xp.exp(s, out=s)
+    return xp.exp(s - shift)
+
+
+def divide_into(e: Array, d: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``e / d`` for ``d`` broadcasting into ``e``, overwriting ``e`` when allowed."""
+    if in_place:
+        return xp.divide(e, d, out=e)
+    return e / d
