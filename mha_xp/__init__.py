@@ -6,7 +6,12 @@ returns arrays of the caller's library, on the caller's device, in the
 caller's dtype.
 """
 
-from ._attention import attention_with_lse, merge_attention, scaled_dot_product_attention
+from ._attention import (
+    attention_vjp,
+    attention_with_lse,
+    merge_attention,
+    scaled_dot_product_attention,
+)
 from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
 from ._layer import MultiHeadAttention
 
@@ -16,6 +21,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MultiHeadAttention",
     "__version__",
+    "attention_vjp",
     "attention_with_lse",
     "get_memory_budget",
     "memory_budget",

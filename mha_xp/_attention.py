@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 from array_api_compat import device as device_of
@@ -11,11 +12,13 @@ from array_api_compat import device as device_of
 from ._checks import (
     check_bias,
     check_chunk_size,
+    check_grad,
     check_mask,
     check_same_dtype,
     check_scale,
     check_sdpa_shapes,
 )
+from ._backward import attention_backward
 from ._chunked import chunked_attention, chunked_weights, merge_partials
 from ._config import resolve_budget
 from ._lib._math import masked_softmax
@@ -24,6 +27,8 @@ from ._masks import causal_mask, combine
 
 __all__ = [
     "attend",
+    "attention_vjp",
+    "attend_backward",
     "attention_with_lse",
     "merge_attention",
     "plan_blocks",
@@ -363,3 +368,133 @@ def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple
         out, lse = merge_partials(xp.astype(out1, work), lse1, xp.astype(out2, work), lse2, xp=xp)
         return xp.astype(out, out1.dtype), lse
     return merge_partials(out1, lse1, out2, lse2, xp=xp)
+
+
+def attend_backward(
+    query: Array,
+    key: Array,
+    value: Array,
+    out: Array,
+    lse: Array,
+    grad_out: Array,
+    /,
+    *,
+    mask: Array | None,
+    key_keep: Array | None,
+    bias: Array | None,
+    is_causal: bool,
+    scale: float,
+    chunk_size: tuple[int, int] | None,
+    memory_budget: int | None,
+    xp: ModuleType,
+) -> tuple[Array, Array, Array, Array | None]:
+    """Gradients of :func:`attend` from its saved output and log-sum-exp.
+
+    Blocks follow the same plan as the forward (one block when the dense
+    scores fit the budget). 16-bit inputs are computed in float32 and the
+    gradients cast back to the inputs' dtype.
+    """
+    dtype = query.dtype
+    work = compute_dtype(dtype, xp)
+    if work != dtype:
+        query, key, value, out, grad_out = (
+            xp.astype(t, work) for t in (query, key, value, out, grad_out))
+        bias = None if bias is None else xp.astype(bias, work)
+    L, S = query.shape[-2], key.shape[-2]
+    lead = tuple(max(a, b, c) for a, b, c in
+                 zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    blocks = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size,
+                         resolve_budget(memory_budget))
+    q_block, k_block = blocks if blocks is not None else (max(L, 1), max(S, 1))
+    grads = attention_backward(
+        query, key, value, out, lse, grad_out, mask=mask, key_keep=key_keep, bias=bias,
+        is_causal=is_causal, scale=scale, q_block=q_block, k_block=k_block, xp=xp)
+    if work != dtype:
+        grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
+    return grads
+
+
+def attention_vjp(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
+    """Attention and a function computing its gradients (vector-Jacobian product).
+
+    For libraries without autodiff (NumPy, CuPy): the forward keeps only its
+    output and the per-row log-sum-exp, and the returned ``backward``
+    recomputes the attention probabilities block by block (FlashAttention-2),
+    so its extra memory is linear in the sequence lengths. The result is
+    deterministic: calling ``backward`` twice gives bit-identical gradients.
+
+    Parameters
+    ----------
+    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+        As in :func:`scaled_dot_product_attention`.
+
+    Returns
+    -------
+    out : array, shape (..., H, L, Dv)
+        The attention output, as :func:`scaled_dot_product_attention`.
+    backward : callable
+        ``backward(grad_out)`` takes the gradient of a scalar loss with
+        respect to ``out`` (same shape, library, device and dtype) and returns
+        a dict with the gradients ``"query"``, ``"key"``, ``"value"`` (and
+        ``"bias"`` when a bias was given), each with its input's shape and
+        dtype. Masked and padded positions, and rows with nothing to attend
+        to, get zero gradients.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`scaled_dot_product_attention`; ``backward`` raises them for
+        a ``grad_out`` of the wrong library, device, dtype or shape.
+
+    See Also
+    --------
+    MultiHeadAttention.vjp : The same for the layer and its parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mha_xp
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 5, 4)) for _ in range(3))
+    >>> out, backward = mha_xp.attention_vjp(q, k, v, is_causal=True)
+    >>> grads = backward(np.ones_like(out))       # gradient of out.sum()
+    >>> sorted(grads), grads["query"].shape
+    (['key', 'query', 'value'], (2, 5, 4))
+    >>> eps = 1e-6                               # check one entry numerically
+    >>> dq = np.zeros_like(q); dq[0, 1, 2] = eps
+    >>> up = mha_xp.scaled_dot_product_attention(q + dq, k, v, is_causal=True).sum()
+    >>> down = mha_xp.scaled_dot_product_attention(q - dq, k, v, is_causal=True).sum()
+    >>> bool(np.isclose((up - down) / (2 * eps), grads["query"][0, 1, 2]))
+    True
+    """
+    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    is_causal = bool(is_causal)
+    out, _, lse = attend(
+        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
+        scale=scale, return_weights=False, return_lse=True,
+        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+    )
+
+    def backward(grad_out: Array) -> dict[str, Array]:
+        check_grad(grad_out, out, xp=xp, name="grad_out")
+        dq, dk, dv, dbias = attend_backward(
+            query, key, value, out, lse, grad_out, mask=mask, key_keep=None, bias=bias,
+            is_causal=is_causal, scale=scale, chunk_size=chunk_size,
+            memory_budget=memory_budget, xp=xp)
+        grads = {"query": dq, "key": dk, "value": dv}
+        if bias is not None:
+            grads["bias"] = dbias
+        return grads
+
+    return out, backward

@@ -7,11 +7,18 @@ import numbers
 from types import ModuleType
 from typing import Any
 
-from ._lib._namespace import Array, dtype_name, require_bool, require_real_floating
+from ._lib._namespace import (
+    Array,
+    common_namespace,
+    dtype_name,
+    require_bool,
+    require_real_floating,
+)
 
 __all__ = [
     "check_bias",
     "check_chunk_size",
+    "check_grad",
     "check_mask",
     "check_positive_int",
     "check_same_dtype",
@@ -149,3 +156,17 @@ def check_same_dtype(xp: ModuleType, **arrays: Array) -> Any:
                 f"{dtype_name(dtype)}; mha_xp does not promote dtypes silently: cast one of them"
             )
     return dtype
+
+
+def check_grad(grad: Any, out: Array, *, xp: ModuleType, name: str) -> None:
+    """An upstream gradient must match the output it belongs to exactly."""
+    common_namespace(out=out, **{name: grad})
+    if grad.dtype != out.dtype:
+        raise TypeError(
+            f"{name} has dtype {dtype_name(grad.dtype)} but the output is "
+            f"{dtype_name(out.dtype)}; pass the gradient in the output's dtype"
+        )
+    if tuple(grad.shape) != tuple(out.shape):
+        raise ValueError(
+            f"{name} must have the output's shape {tuple(out.shape)}, got {tuple(grad.shape)}"
+        )

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
-from ._attention import attend
-from ._checks import check_bias, check_chunk_size, check_mask, check_positive_int
+from ._attention import attend, attend_backward
+from ._checks import check_bias, check_chunk_size, check_grad, check_mask, check_positive_int
 from ._lib._namespace import (
     Array,
     common_namespace,
@@ -75,6 +76,23 @@ def _split_heads(x: Array, num_heads: int, xp: ModuleType) -> Array:
     """``(B, L, H*D)`` to ``(B, H, L, D)``."""
     B, L, E = x.shape
     return xp.permute_dims(xp.reshape(x, (B, L, num_heads, E // num_heads)), (0, 2, 1, 3))
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A validated call, in batched form; ``*_src`` name the argument each of
+    key and value came from (they default to one another and to query)."""
+
+    query: Array
+    key: Array
+    value: Array
+    key_padding_mask: Array | None
+    mask: Array | None
+    bias: Array | None
+    chunk_size: tuple[int, int] | None
+    batched: bool
+    key_src: str
+    value_src: str
 
 
 class MultiHeadAttention:
@@ -641,6 +659,102 @@ class MultiHeadAttention:
         ValueError
             Inputs on another device; wrong ranks or sizes.
         """
+        call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
+        out, weights, _ = self._forward(call, is_causal=bool(is_causal),
+                                        return_weights=bool(return_weights),
+                                        memory_budget=memory_budget, residuals=False)
+        if not return_weights:
+            return out
+        if average_weights:
+            weights = self._xp.mean(weights, axis=1)
+        return out, weights if call.batched else weights[0, ...]
+
+    def vjp(
+        self,
+        query: Array,
+        key: Array | None = None,
+        value: Array | None = None,
+        *,
+        key_padding_mask: Array | None = None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+    ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
+        """Apply the layer and return a function computing its gradients.
+
+        Gradients for libraries without autodiff (NumPy, CuPy): the forward
+        keeps its inputs, projections, attention output and per-row
+        log-sum-exp; ``backward`` recomputes the attention probabilities block
+        by block (FlashAttention-2), so its extra memory is linear in the
+        sequence lengths. Repeated calls give bit-identical gradients.
+
+        Parameters
+        ----------
+        query, key, value, key_padding_mask, mask, bias, is_causal, chunk_size, memory_budget
+            As in :meth:`__call__`.
+
+        Returns
+        -------
+        out : array
+            The layer's output, as :meth:`__call__` returns it.
+        backward : callable
+            ``backward(grad_out)`` takes the gradient of a scalar loss with
+            respect to ``out`` and returns a dict of gradients, each with the
+            shape and dtype of what it differentiates: one entry per input
+            argument that was passed (``"query"``, and ``"key"``, ``"value"``
+            when given; an argument that defaulted to another, as in
+            self-attention, adds its gradient to that one's), ``"bias"`` when
+            a bias was passed, and every parameter under its
+            :meth:`state_dict` name.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`__call__`; ``backward`` raises them for a ``grad_out``
+            of the wrong library, device, dtype or shape.
+
+        Examples
+        --------
+        One step of gradient descent on a least-squares loss, in plain NumPy:
+
+        >>> import numpy as np
+        >>> import mha_xp
+        >>> layer = mha_xp.MultiHeadAttention(8, 2, seed=0)
+        >>> rng = np.random.default_rng(1)
+        >>> x, target = rng.standard_normal((4, 6, 8)), rng.standard_normal((4, 6, 8))
+        >>> y, backward = layer.vjp(x, is_causal=True)
+        >>> grads = backward(2 * (y - target))          # d/dy of ((y - target)**2).sum()
+        >>> sorted(grads)
+        ['in_proj_bias', 'in_proj_weight', 'out_proj.bias', 'out_proj.weight', 'query']
+        >>> params = {n: w - 1e-2 * grads[n] for n, w in layer.state_dict().items()}
+        >>> stepped = mha_xp.MultiHeadAttention.from_state_dict(params, num_heads=2)
+        >>> bool(((stepped(x, is_causal=True) - target) ** 2).sum() < ((y - target) ** 2).sum())
+        True
+        """
+        call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
+        is_causal = bool(is_causal)
+        out, _, res = self._forward(call, is_causal=is_causal, return_weights=False,
+                                    memory_budget=memory_budget, residuals=True)
+
+        def backward(grad_out: Array) -> dict[str, Array]:
+            check_grad(grad_out, out, xp=self._xp, name="grad_out")
+            return self._backward(call, res, grad_out, is_causal=is_causal,
+                                  memory_budget=memory_budget)
+
+        return out, backward
+
+    # -- internals of the call -----------------------------------------------
+
+    def _check_call(
+        self, query: Array, key: Array | None, value: Array | None,
+        key_padding_mask: Array | None, mask: Array | None, bias: Array | None,
+        chunk_size: Any,
+    ) -> _Call:
+        """Validate a call and bring it to batched form."""
+        key_src = "key" if key is not None else "value" if value is not None else "query"
+        value_src = "value" if value is not None else key_src
         if key is None:
             key = query if value is None else value
         if value is None:
@@ -699,7 +813,6 @@ class MultiHeadAttention:
                     f"key_padding_mask must have shape {'(B, S)' if batched else '(S,)'} = "
                     f"{want}, got {tuple(key_padding_mask.shape)}"
                 )
-
         if not batched:
             # Expand each distinct array once, so self-attention keeps its fused projection.
             q1 = xp.expand_dims(query, axis=0)
@@ -708,37 +821,92 @@ class MultiHeadAttention:
             query, key = q1, k1
             if key_padding_mask is not None:
                 key_padding_mask = xp.expand_dims(key_padding_mask, axis=0)
-        key_keep = None
-        if key_padding_mask is not None:
-            keep = xp.logical_not(key_padding_mask)
-            B = keep.shape[0]
-            key_keep = xp.reshape(keep, (B, 1, 1, S))
+        # An unbatched (H, L, S) mask or bias broadcasts against (1, H, L, S) as it is.
+        return _Call(query, key, value, key_padding_mask, mask, bias, chunk_size, batched,
+                     key_src, value_src)
+
+    def _forward(
+        self, call: _Call, *, is_causal: bool, return_weights: bool,
+        memory_budget: int | None, residuals: bool,
+    ) -> tuple[Array, Array | None, dict[str, Any] | None]:
+        xp = self._xp
+        query, key, value = call.query, call.key, call.value
+        B, L, S = query.shape[0], query.shape[1], key.shape[1]
+        key_keep = keep = None
+        if call.key_padding_mask is not None:
+            keep_bs = xp.logical_not(call.key_padding_mask)
+            key_keep = xp.reshape(keep_bs, (B, 1, 1, S))
             # Padding must be inert even when it holds NaN or Inf: a zero weight
             # does not suffice (0 * NaN = NaN), so zero the padded inputs.
-            keep = xp.reshape(keep, (B, S, 1))
+            keep = xp.reshape(keep_bs, (B, S, 1))
             zero = xp.zeros((), dtype=self._dtype, device=self._device)
             same = value is key
             key = xp.where(keep, key, zero)
             value = key if same else xp.where(keep, value, zero)
         q, k, v = self._project(query, key, value)
-        # An unbatched (H, L, S) mask or bias broadcasts against (1, H, L, S) as it is.
-        out, weights, _ = attend(
-            q, k, v, mask=mask, key_keep=key_keep, bias=bias, is_causal=bool(is_causal),
-            scale=1.0 / math.sqrt(self.head_dim), return_weights=bool(return_weights),
-            return_lse=False, chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+        heads, weights, lse = attend(
+            q, k, v, mask=call.mask, key_keep=key_keep, bias=call.bias, is_causal=is_causal,
+            scale=1.0 / math.sqrt(self.head_dim), return_weights=return_weights,
+            return_lse=residuals, chunk_size=call.chunk_size, memory_budget=memory_budget, xp=xp,
         )
-        B = out.shape[0]
-        out = xp.reshape(xp.permute_dims(out, (0, 2, 1, 3)), (B, L, self.embed_dim))
-        out = _linear(out, self._params["out_proj.weight"], self._params.get("out_proj.bias"), xp)
-        if not batched:
+        merged = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, L, self.embed_dim))
+        out = _linear(merged, self._params["out_proj.weight"], self._params.get("out_proj.bias"), xp)
+        if not call.batched:
             out = out[0, ...]
-        if not return_weights:
-            return out
-        if average_weights:
-            weights = xp.mean(weights, axis=1)
-        if not batched:
-            weights = weights[0, ...]
-        return out, weights
+        res = None
+        if residuals:
+            res = dict(key=key, value=value, keep=keep, key_keep=key_keep, q=q, k=k, v=v,
+                       heads=heads, lse=lse, merged=merged)
+        return out, weights, res
+
+    def _backward(
+        self, call: _Call, res: dict[str, Any], grad_out: Array, *, is_causal: bool,
+        memory_budget: int | None,
+    ) -> dict[str, Array]:
+        xp, E, H, D = self._xp, self.embed_dim, self.num_heads, self.head_dim
+        if not call.batched:
+            grad_out = xp.expand_dims(grad_out, axis=0)
+        B, L, _ = grad_out.shape
+        p = self._params
+        grads: dict[str, Array] = {}
+        dy = xp.reshape(grad_out, (B * L, E))
+        grads["out_proj.weight"] = xp.matmul(
+            xp.matrix_transpose(dy), xp.reshape(res["merged"], (B * L, E)))
+        if "out_proj.bias" in p:
+            grads["out_proj.bias"] = xp.sum(dy, axis=0)
+        d_heads = _split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, E)), H, xp)
+        dq, dk, dv, dbias = attend_backward(
+            res["q"], res["k"], res["v"], res["heads"], res["lse"], d_heads, mask=call.mask,
+            key_keep=res["key_keep"], bias=call.bias, is_causal=is_causal,
+            scale=1.0 / math.sqrt(D), chunk_size=call.chunk_size, memory_budget=memory_budget,
+            xp=xp)
+        inputs = (call.query, res["key"], res["value"])
+        d_in, d_w, d_b = [], [], []
+        for d, x, w in zip((dq, dk, dv), inputs, self._in_weights()):
+            n = d.shape[2]
+            d2 = xp.reshape(xp.permute_dims(d, (0, 2, 1, 3)), (B * n, E))
+            d_w.append(xp.matmul(xp.matrix_transpose(d2), xp.reshape(x, (B * n, x.shape[-1]))))
+            d_b.append(xp.sum(d2, axis=0))
+            d_in.append(xp.reshape(xp.matmul(d2, w), (B, n, x.shape[-1])))
+        if "in_proj_weight" in p:
+            grads["in_proj_weight"] = xp.concat(d_w, axis=0)
+        else:
+            grads["q_proj_weight"], grads["k_proj_weight"], grads["v_proj_weight"] = d_w
+        if "in_proj_bias" in p:
+            grads["in_proj_bias"] = xp.concat(d_b, axis=0)
+        if res["keep"] is not None:  # padded keys and values do not reach the output
+            zero = xp.zeros((), dtype=self._dtype, device=self._device)
+            d_in[1] = xp.where(res["keep"], d_in[1], zero)
+            d_in[2] = xp.where(res["keep"], d_in[2], zero)
+        by_source: dict[str, Array] = {"query": d_in[0]}
+        for src, d in ((call.key_src, d_in[1]), (call.value_src, d_in[2])):
+            by_source[src] = by_source[src] + d if src in by_source else d
+        if not call.batched:
+            by_source = {n: g[0, ...] for n, g in by_source.items()}
+        if call.bias is not None:
+            grads["bias"] = dbias
+        ordered = {n: by_source[n] for n in ("query", "key", "value") if n in by_source}
+        return ordered | {n: grads[n] for n in ("bias", *p) if n in grads}
 
     def _project(self, query: Array, key: Array, value: Array) -> tuple[Array, Array, Array]:
         """The three input projections, split into heads ``(B, H, ·, D)``."""
