@@ -385,13 +385,12 @@ def attend_backward(
     is_causal: bool,
     scale: float,
     chunk_size: tuple[int, int] | None,
-    memory_budget: int | None,
     xp: ModuleType,
 ) -> tuple[Array, Array, Array, Array | None]:
     """Gradients of :func:`attend` from its saved output and log-sum-exp.
 
-    Blocks follow the same plan as the forward (one block when the dense
-    scores fit the budget). 16-bit inputs are computed in float32 and the
+    The blocks are those of the chunked path (``chunk_size`` when given),
+    whatever path the forward took. 16-bit inputs are computed in float32 and the
     gradients cast back to the inputs' dtype.
     """
     dtype = query.dtype
@@ -403,9 +402,9 @@ def attend_backward(
     L, S = query.shape[-2], key.shape[-2]
     lead = tuple(max(a, b, c) for a, b, c in
                  zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
-    blocks = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size,
-                         resolve_budget(memory_budget))
-    q_block, k_block = blocks if blocks is not None else (max(L, 1), max(S, 1))
+    # Always blocked (a budget of 0): the backward keeps four score-sized
+    # temporaries alive, and cache-sized blocks are faster than one big one.
+    q_block, k_block = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size, 0)
     grads = attention_backward(
         query, key, value, out, lse, grad_out, mask=mask, key_keep=key_keep, bias=bias,
         is_causal=is_causal, scale=scale, q_block=q_block, k_block=k_block, xp=xp)
@@ -490,8 +489,7 @@ def attention_vjp(
         check_grad(grad_out, out, xp=xp, name="grad_out")
         dq, dk, dv, dbias = attend_backward(
             query, key, value, out, lse, grad_out, mask=mask, key_keep=None, bias=bias,
-            is_causal=is_causal, scale=scale, chunk_size=chunk_size,
-            memory_budget=memory_budget, xp=xp)
+            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp)
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:
             grads["bias"] = dbias

@@ -19,6 +19,7 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from ._chunked import block_scores, causal_key_end
+from ._lib._inplace import gated_difference, shifted_exp, writes_in_place
 from ._lib._namespace import Array
 
 __all__ = ["attention_backward", "unbroadcast"]
@@ -80,6 +81,7 @@ def attention_backward(
     q_block: int,
     k_block: int,
     xp: ModuleType,
+    in_place: bool | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     """Gradients of attention with respect to query, key, value and bias.
 
@@ -87,8 +89,11 @@ def attention_backward(
     forward with the same arguments. Returns ``(dq, dk, dv, dbias)`` with the
     shapes of ``query``, ``key``, ``value`` and ``bias`` (``dbias`` None
     without a bias). Rows with nothing to attend to (``lse = +inf``) get zero
-    gradients.
+    gradients. ``in_place`` (default: where the backend allows) overwrites
+    the score blocks, which are temporaries of this function.
     """
+    if in_place is None:
+        in_place = writes_in_place(xp)
     L, S = query.shape[-2], key.shape[-2]
     dev = device_of(query)
     offset = S - L
@@ -114,11 +119,13 @@ def attention_backward(
                     bias_cols.append(_bias_zeros(bias, rows, cols, xp=xp))
                 continue
             s = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
-                             is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp)
-            p = xp.exp(s - lse_i)
+                             is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp,
+                             in_place=in_place)
+            p = shifted_exp(s, lse_i, xp=xp, in_place=in_place)
             k_j, v_j = key[..., cols, :], value[..., cols, :]
             dv = xp.matmul(xp.matrix_transpose(p), do)
-            ds = p * (xp.matmul(do, xp.matrix_transpose(v_j)) - d_i)
+            ds = gated_difference(xp.matmul(do, xp.matrix_transpose(v_j)), d_i, p, xp=xp,
+                                  in_place=in_place)
             dk = xp.matmul(xp.matrix_transpose(ds), q)  # q is already scaled
             dq_j = xp.matmul(ds, k_j)
             dq = dq_j if dq is None else dq + dq_j

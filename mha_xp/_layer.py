@@ -321,19 +321,19 @@ class MultiHeadAttention:
         MultiHeadAttention
             A layer with the weights' dtype.
 
-        Notes
-        -----
-        Arrays already in the layer's namespace and on its device are used as
-        they are (``q_weight``, ``k_weight`` and ``v_weight`` are concatenated
-        into one ``in_proj_weight`` when all are ``(E, E)``); arrays from
-        another library are copied.
-
         Raises
         ------
         TypeError
             Non-array or non-floating weights, or weights of different dtypes.
         ValueError
             Shapes that do not fit together, or ``E % num_heads != 0``.
+
+        Notes
+        -----
+        Arrays already in the layer's namespace and on its device are used as
+        they are (``q_weight``, ``k_weight`` and ``v_weight`` are concatenated
+        into one ``in_proj_weight`` when all are ``(E, E)``); arrays from
+        another library are copied.
 
         Examples
         --------
@@ -425,13 +425,13 @@ class MultiHeadAttention:
         ------
         ValueError
             Missing, unexpected or mis-shaped entries.
+        TypeError
+            Entries that are not floating arrays, or of different dtypes.
 
         Notes
         -----
         Arrays already in the layer's namespace and on its device are used as
         they are, without a copy; arrays from another library are copied.
-        TypeError
-            Entries that are not floating arrays, or of different dtypes.
 
         Examples
         --------
@@ -740,8 +740,7 @@ class MultiHeadAttention:
 
         def backward(grad_out: Array) -> dict[str, Array]:
             check_grad(grad_out, out, xp=self._xp, name="grad_out")
-            return self._backward(call, res, grad_out, is_causal=is_causal,
-                                  memory_budget=memory_budget)
+            return self._backward(call, res, grad_out, is_causal=is_causal)
 
         return out, backward
 
@@ -861,7 +860,6 @@ class MultiHeadAttention:
 
     def _backward(
         self, call: _Call, res: dict[str, Any], grad_out: Array, *, is_causal: bool,
-        memory_budget: int | None,
     ) -> dict[str, Array]:
         xp, E, H, D = self._xp, self.embed_dim, self.num_heads, self.head_dim
         if not call.batched:
@@ -878,8 +876,7 @@ class MultiHeadAttention:
         dq, dk, dv, dbias = attend_backward(
             res["q"], res["k"], res["v"], res["heads"], res["lse"], d_heads, mask=call.mask,
             key_keep=res["key_keep"], bias=call.bias, is_causal=is_causal,
-            scale=1.0 / math.sqrt(D), chunk_size=call.chunk_size, memory_budget=memory_budget,
-            xp=xp)
+            scale=1.0 / math.sqrt(D), chunk_size=call.chunk_size, xp=xp)
         inputs = (call.query, res["key"], res["value"])
         d_in, d_w, d_b = [], [], []
         for d, x, w in zip((dq, dk, dv), inputs, self._in_weights()):

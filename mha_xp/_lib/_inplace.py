@@ -15,7 +15,13 @@ from array_api_compat import is_cupy_namespace, is_numpy_namespace
 
 from ._namespace import Array
 
-__all__ = ["add_into", "divide_into", "shifted_exp", "writes_in_place"]
+__all__ = [
+    "add_into",
+    "divide_into",
+    "gated_difference",
+    "shifted_exp",
+    "writes_in_place",
+]
 
 
 def writes_in_place(xp: ModuleType) -> bool:
@@ -45,3 +51,11 @@ def divide_into(e: Array, d: Array, /, *, xp: ModuleType, in_place: bool) -> Arr
     if in_place:
         return xp.divide(e, d, out=e)
     return e / d
+
+
+def gated_difference(dp: Array, d: Array, p: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``p * (dp - d)`` (the softmax backward), overwriting ``dp`` when allowed."""
+    if in_place:
+        xp.subtract(dp, d, out=dp)
+        return xp.multiply(dp, p, out=dp)
+    return p * (dp - d)
