@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from array_api_compat import device as device_of
@@ -20,9 +20,10 @@ from ._checks import (
 )
 from ._backward import attention_backward
 from ._chunked import chunked_attention, chunked_weights, merge_partials
+from . import _config
 from ._config import resolve_budget
 from ._lib._math import masked_softmax
-from ._lib._namespace import Array, common_namespace, compute_dtype
+from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
 from ._masks import causal_mask, combine
 
 __all__ = [
@@ -96,8 +97,23 @@ def attend(
     L, S = query.shape[-2], key.shape[-2]
     lead = tuple(max(a, b, c) for a, b, c in
                  zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
-    blocks = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size,
-                         resolve_budget(memory_budget))
+    itemsize = xp.finfo(work).bits // 8
+    budget = resolve_budget(memory_budget)
+    available = _config.host_memory_available(xp, device_of(query))
+    if available is not None:
+        score_bytes = math.prod(lead) * L * S * itemsize
+        if return_weights and score_bytes > available:
+            raise MemoryError(
+                f"return_weights=True needs the {lead + (L, S)} attention weights, "
+                f"{score_bytes / 2**30:.1f} GiB in {dtype_name(work)}, but only "
+                f"{available / 2**30:.1f} GiB of memory is available; call without "
+                f"return_weights (attention itself takes the chunked path, whose memory "
+                f"is linear in L and S)"
+            )
+        # The dense path keeps about three score-sized arrays alive: never let a
+        # generous budget send it past the memory there is.
+        budget = min(budget, available // 4)
+    blocks = plan_blocks(lead, L, S, itemsize, chunk_size, budget)
     weights = lse = None
     if blocks is None:
         # Scale Q (L x D) rather than the scores (L x S).

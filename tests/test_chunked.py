@@ -255,3 +255,37 @@ class TestInPlaceFastPath:
         sdpa(q, k, v, bias=bias, chunk_size=2)
         for a, b in zip((q, k, v, bias), copies):
             np.testing.assert_array_equal(a, b)
+
+
+class TestMemoryGuard:
+    def test_weights_that_cannot_fit_raise_up_front(self, rng, monkeypatch):
+        from mha_xp import _config
+
+        monkeypatch.setattr(_config, "host_memory_available", lambda xp, device: 10_000)
+        q = rng.standard_normal((2, 40, 8))  # weights: 2 * 40 * 40 * 8 bytes = 25.6 kB
+        with pytest.raises(MemoryError, match=r"return_weights=True needs the \(2, 40, 40\) "
+                                              r"attention weights, 0.0 GiB in float64"):
+            sdpa(q, q, q, return_weights=True)
+        with pytest.raises(MemoryError, match="call without return_weights"):
+            MHA(8, 2, seed=0)(q, return_weights=True)
+
+    def test_a_generous_budget_cannot_overrun_memory(self, rng, monkeypatch):
+        from mha_xp import _attention, _config
+
+        monkeypatch.setattr(_config, "host_memory_available", lambda xp, device: 40_000)
+        seen = []
+        real = _attention.plan_blocks
+        monkeypatch.setattr(_attention, "plan_blocks", lambda *a: seen.append(real(*a)) or seen[-1])
+        q = rng.standard_normal((2, 40, 8))
+        out = sdpa(q, q, q, memory_budget=10**12)  # dense would need 25.6 kB x 3
+        assert seen[-1] is not None  # took the chunked path
+        monkeypatch.undo()
+        np.testing.assert_allclose(out, sdpa(q, q, q), rtol=1e-12)
+
+    def test_available_memory_is_read(self):
+        import array_api_compat.numpy as xp
+
+        from mha_xp._config import host_memory_available
+
+        avail = host_memory_available(xp, "cpu")
+        assert avail is None or avail > 0
