@@ -13,6 +13,7 @@ from ._attention import (
     scaled_dot_product_attention,
 )
 from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
+from ._io import load_weights, save_weights
 from ._layer import MultiHeadAttention
 
 __version__ = "0.1.0"
@@ -24,7 +25,9 @@ __all__ = [
     "attention_vjp",
     "attention_with_lse",
     "get_memory_budget",
+    "load_weights",
     "memory_budget",
     "merge_attention",
+    "save_weights",
     "scaled_dot_product_attention",
 ]

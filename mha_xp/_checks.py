@@ -53,6 +53,11 @@ def check_chunk_size(chunk_size: Any) -> tuple[int, int] | None:
 def check_scale(scale: Any, head_dim: int) -> float:
     """Return the softmax scale as a Python float (default ``1/sqrt(head_dim)``)."""
     if scale is None:
+        if head_dim == 0:  # 1/sqrt(0): refuse rather than divide by zero
+            raise ValueError(
+                "query and key have an empty feature axis (D = 0), for which the default "
+                "scale 1/sqrt(D) is undefined: pass scale= explicitly"
+            )
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(

@@ -10,7 +10,7 @@ from types import ModuleType
 from typing import Any
 
 import array_api_compat
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import array_namespace, device, is_array_api_obj, is_torch_array
 
 Array = Any
 
@@ -56,6 +56,32 @@ def normalize_namespace(xp: Any) -> ModuleType:
         ) from exc
 
 
+def _require_array(name: str, x: Any) -> None:
+    """Raise ``TypeError`` unless ``x`` is an array mha_xp can compute with.
+
+    Refused, besides non-arrays (``None``, lists, Python scalars): NumPy
+    masked arrays, whose mask every array API function would silently ignore
+    (and whose ``matmul`` broadcasts wrongly), and sparse or other non-strided
+    torch tensors, which fail deep inside torch on the first reshape.
+    """
+    if x is None or not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+        raise TypeError(
+            f"{name} must be an array (numpy, cupy, torch, array_api_strict, ...), "
+            f"got {type(x).__name__}"
+        )
+    if type(x).__module__.startswith("numpy.ma"):
+        raise TypeError(
+            f"{name} is a NumPy masked array, whose mask mha_xp would ignore: pass "
+            f"np.ma.getdata({name}) and say which entries to skip with mask= "
+            f"(or the layer's key_padding_mask=)"
+        )
+    if is_torch_array(x) and str(getattr(x, "layout", "torch.strided")) != "torch.strided":
+        raise TypeError(
+            f"{name} is a torch tensor with layout {x.layout}; mha_xp computes with dense "
+            f"(strided) tensors: pass {name}.to_dense()"
+        )
+
+
 def common_namespace(
     expected: tuple[ModuleType, Any, str] | None = None, /, **arrays: Array | None
 ) -> tuple[ModuleType, Any]:
@@ -94,11 +120,7 @@ def common_namespace(
     for name, x in arrays.items():
         if x is None:
             continue
-        if not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
-            raise TypeError(
-                f"{name} must be an array (numpy, cupy, torch, array_api_strict, ...), "
-                f"got {type(x).__name__}"
-            )
+        _require_array(name, x)
         x_xp = array_namespace(x)
         x_dev = device(x)
         if xp is None:
@@ -117,7 +139,9 @@ def common_namespace(
                 f"{name} is {_a(lib_name(x_xp))} array but {where_ns}; "
                 f"mha_xp never converts between array libraries: {fix}"
             )
-        if x_dev != dev:
+        # A device of None is unknown, not different: JAX reports None for
+        # arrays traced under jax.jit (jax-ml/jax#26000).
+        if x_dev != dev and x_dev is not None and dev is not None:
             raise ValueError(
                 f"{name} is on device {x_dev} but {where_dev}; "
                 f"mha_xp never moves arrays between devices: {fix}"
@@ -128,7 +152,8 @@ def common_namespace(
 
 
 def require_real_floating(name: str, x: Array, xp: ModuleType) -> None:
-    """Raise ``TypeError`` unless ``x`` has a real floating dtype."""
+    """Raise ``TypeError`` unless ``x`` is an array with a real floating dtype."""
+    _require_array(name, x)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
             f"{name} must have a real floating dtype (float16, float32 or float64), "
@@ -137,7 +162,8 @@ def require_real_floating(name: str, x: Array, xp: ModuleType) -> None:
 
 
 def require_bool(name: str, x: Array, xp: ModuleType, meaning: str) -> None:
-    """Raise ``TypeError`` unless ``x`` is boolean."""
+    """Raise ``TypeError`` unless ``x`` is a boolean array."""
+    _require_array(name, x)
     if not xp.isdtype(x.dtype, "bool"):
         raise TypeError(
             f"{name} must be a boolean array ({meaning}), got dtype "

@@ -1,0 +1,370 @@
+"""Weight files: save_weights / load_weights round trips, and hostile files.
+
+A file that is empty, truncated, corrupt, of another format, pickled, or that
+holds the wrong names, shapes or dtypes must give a ``ValueError`` naming the
+file, must never unpickle anything, and must leave every existing layer as it
+was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+import mha_xp
+from _hypothesis_profiles import budget
+from conftest import FLOAT16_BACKENDS
+
+MHA = mha_xp.MultiHeadAttention
+HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
+needs_safetensors = pytest.mark.skipif(
+    not HAS_SAFETENSORS, reason="the optional safetensors package is not installed")
+FORMATS = ["npz", pytest.param("safetensors", marks=needs_safetensors)]
+
+# Set by _Payload.__reduce__ if anything ever unpickles one.
+UNPICKLED: list[str] = []
+
+
+def _record(what: str) -> None:
+    UNPICKLED.append(what)
+
+
+class _Payload:
+    """An object whose unpickling would run code (here: record that it ran)."""
+
+    def __reduce__(self):
+        return (_record, ("a pickle was loaded",))
+
+
+def host(layer) -> dict[str, np.ndarray]:
+    return {n: np.array(w) for n, w in layer.to(xp=np).state_dict().items()}
+
+
+@pytest.fixture
+def layer():
+    return MHA(8, 2, seed=0)
+
+
+def saved(tmp_path: Path, layer, fmt: str = "npz") -> Path:
+    path = tmp_path / f"weights.{fmt}"
+    mha_xp.save_weights(layer, path)
+    return path
+
+
+def write_npz(path: Path, arrays: dict) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def assert_bad_file(path: Path, *fragments: str, **kwargs) -> None:
+    """load_weights refuses ``path`` with a ValueError that names the file."""
+    with pytest.raises(ValueError) as info:
+        mha_xp.load_weights(path, **kwargs)
+    message = str(info.value)
+    assert str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not UNPICKLED, UNPICKLED
+
+
+class TestRoundTrip:
+    @pytest.mark.parametrize("fmt", FORMATS)
+    @pytest.mark.parametrize("kdim,bias", [(None, True), (5, True), (None, False), (3, False)])
+    def test_every_backend_and_dtype(self, backend, fmt, kdim, bias, tmp_path):
+        dtypes = ["float32", "float64"] + (["float16"] if backend.name in FLOAT16_BACKENDS else [])
+        for dtype in dtypes:
+            layer = MHA(12, 3, kdim=kdim, vdim=kdim, bias=bias, xp=backend.xp,
+                        device=backend.device, dtype=backend.dtype(dtype), seed=1)
+            path = tmp_path / f"w_{dtype}.{fmt}"
+            mha_xp.save_weights(layer, path)
+            loaded = mha_xp.load_weights(path, xp=backend.xp, device=backend.device)
+            assert loaded.xp is layer.xp and loaded.device == layer.device
+            assert loaded.dtype == layer.dtype
+            assert (loaded.embed_dim, loaded.num_heads, loaded.kdim, loaded.vdim) == \
+                (layer.embed_dim, layer.num_heads, layer.kdim, layer.vdim)
+            assert list(loaded.state_dict()) == list(layer.state_dict())
+            for n, w in layer.state_dict().items():
+                np.testing.assert_array_equal(backend.to_numpy(loaded.state_dict()[n]),
+                                              backend.to_numpy(w))
+            x = backend.asarray(np.random.default_rng(0).standard_normal((2, 4, 12)), dtype)
+            kv = backend.asarray(np.random.default_rng(1).standard_normal((2, 5, kdim or 12)), dtype)
+            np.testing.assert_array_equal(backend.to_numpy(loaded(x, kv)),
+                                          backend.to_numpy(layer(x, kv)))
+
+    def test_default_is_numpy(self, layer, tmp_path):
+        loaded = mha_xp.load_weights(saved(tmp_path, layer))
+        assert loaded.xp is layer.xp and loaded.dtype == np.float64
+
+    def test_npz_is_a_plain_archive_with_torch_names(self, layer, tmp_path):
+        with np.load(saved(tmp_path, layer), allow_pickle=False) as f:
+            assert sorted(f.files) == ["in_proj_bias", "in_proj_weight", "num_heads",
+                                       "out_proj.bias", "out_proj.weight"]
+            assert f["num_heads"].shape == () and f["num_heads"].dtype == np.int64
+            assert int(f["num_heads"]) == 2
+
+    @needs_safetensors
+    def test_safetensors_has_num_heads_metadata(self, layer, tmp_path):
+        from safetensors import safe_open
+
+        with safe_open(saved(tmp_path, layer, "safetensors"), framework="numpy") as f:
+            assert f.metadata() == {"num_heads": "2"}
+            assert sorted(f.keys()) == sorted(layer.state_dict())
+
+    def test_str_path_and_overwrite(self, layer, tmp_path):
+        path = str(tmp_path / "w.npz")
+        mha_xp.save_weights(layer, path)
+        other = MHA(8, 4, seed=5)
+        mha_xp.save_weights(other, path)  # replaces the first file
+        loaded = mha_xp.load_weights(path)
+        assert loaded.num_heads == 4
+        np.testing.assert_array_equal(loaded.state_dict()["in_proj_weight"],
+                                      other.state_dict()["in_proj_weight"])
+        assert sorted(os.listdir(tmp_path)) == ["w.npz"]  # no temporary file left behind
+
+    def test_format_comes_from_the_content_not_the_suffix(self, layer, tmp_path):
+        path = saved(tmp_path, layer)
+        renamed = path.rename(tmp_path / "weights.bin")
+        assert mha_xp.load_weights(renamed).num_heads == 2
+
+    def test_torch_state_dict_without_num_heads(self, tmp_path):
+        torch = pytest.importorskip("torch")
+        module = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        path = write_npz(tmp_path / "torch.npz",
+                         {k: t.detach().numpy() for k, t in module.state_dict().items()})
+        assert_bad_file(path, "does not record num_heads", "num_heads=")
+        loaded = mha_xp.load_weights(path, num_heads=2)
+        x = torch.randn(2, 3, 8)
+        with torch.no_grad():
+            ref, _ = module(x, x, x)
+        np.testing.assert_allclose(loaded(x.numpy()), ref.numpy(), atol=1e-6)
+
+    @needs_safetensors
+    def test_file_written_by_safetensors_torch(self, tmp_path):
+        torch = pytest.importorskip("torch")
+        from safetensors.torch import save_file
+
+        module = torch.nn.MultiheadAttention(8, 4, kdim=3, vdim=3, batch_first=True).eval()
+        path = tmp_path / "torch.safetensors"
+        save_file(module.state_dict(), path)
+        loaded = mha_xp.load_weights(path, num_heads=4, xp=torch)
+        q, kv = torch.randn(2, 5, 8), torch.randn(2, 6, 3)
+        with torch.no_grad():
+            ref, _ = module(q, kv, kv)
+        torch.testing.assert_close(loaded(q, kv), ref, atol=1e-6, rtol=1e-5)
+
+    def test_num_heads_argument_must_agree(self, layer, tmp_path):
+        path = saved(tmp_path, layer)
+        assert mha_xp.load_weights(path, num_heads=2).num_heads == 2
+        assert_bad_file(path, "records num_heads=2", "num_heads=4", num_heads=4)
+        with pytest.raises(ValueError, match="num_heads must be a positive int"):
+            mha_xp.load_weights(path, num_heads=0)
+
+
+class TestSaveErrors:
+    def test_suffix(self, layer, tmp_path):
+        with pytest.raises(ValueError, match=r"path must end in \.npz or \.safetensors"):
+            mha_xp.save_weights(layer, tmp_path / "w.pt")
+
+    @pytest.mark.parametrize("bad", [None, {}, "layer", np.zeros(3)])
+    def test_not_a_layer(self, bad, tmp_path):
+        with pytest.raises(TypeError, match="layer must be a mha_xp.MultiHeadAttention"):
+            mha_xp.save_weights(bad, tmp_path / "w.npz")
+
+    def test_bfloat16_has_no_numpy_dtype(self, tmp_path):
+        torch = pytest.importorskip("torch")
+        layer = MHA(8, 2, xp=torch, dtype=torch.bfloat16, seed=0)
+        with pytest.raises(ValueError, match="bfloat16"):
+            mha_xp.save_weights(layer, tmp_path / "w.npz")
+        assert not os.listdir(tmp_path)
+
+    def test_safetensors_missing(self, layer, tmp_path, monkeypatch):
+        for name in ("safetensors", "safetensors.numpy"):
+            monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+        with pytest.raises(ImportError, match="pip install safetensors"):
+            mha_xp.save_weights(layer, tmp_path / "w.safetensors")
+        assert not os.listdir(tmp_path)
+
+    @needs_safetensors
+    def test_reading_safetensors_without_the_package(self, layer, tmp_path, monkeypatch):
+        path = saved(tmp_path, layer, "safetensors")
+        for name in ("safetensors", "safetensors.numpy"):
+            monkeypatch.setitem(sys.modules, name, None)
+        with pytest.raises(ImportError, match="pip install safetensors"):
+            mha_xp.load_weights(path)
+
+    def test_failed_save_keeps_the_old_file(self, layer, tmp_path, monkeypatch):
+        path = saved(tmp_path, layer)
+        before = path.read_bytes()
+
+        def broken(file, **arrays):
+            file.write(b"PK\x03\x04 half an archive")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(np, "savez", broken)
+        with pytest.raises(OSError, match="disk full"):
+            mha_xp.save_weights(MHA(8, 4, seed=1), path)
+        assert path.read_bytes() == before
+        assert sorted(os.listdir(tmp_path)) == [path.name]
+
+
+class TestHostileFiles:
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(FileNotFoundError):
+            mha_xp.load_weights(tmp_path / "nothing.npz")
+
+    def test_empty_file(self, tmp_path):
+        path = tmp_path / "empty.npz"
+        path.write_bytes(b"")
+        assert_bad_file(path, "is empty")
+
+    def test_npy_file(self, layer, tmp_path):
+        path = tmp_path / "one.npy"
+        np.save(path, layer.state_dict()["in_proj_weight"])
+        assert_bad_file(path, "single .npy array")
+
+    def test_pickle_is_never_loaded(self, tmp_path):
+        path = tmp_path / "weights.npz"
+        path.write_bytes(pickle.dumps({"in_proj_weight": _Payload()}))
+        assert_bad_file(path, "never unpickles")
+
+    def test_object_array_in_npz_is_never_unpickled(self, layer, tmp_path):
+        arrays = host(layer) | {"num_heads": np.asarray(2)}
+        obj = np.empty(1, dtype=object)
+        obj[0] = _Payload()
+        arrays["out_proj.bias"] = obj
+        path = write_npz(tmp_path / "objects.npz", arrays)  # np.savez pickles object arrays
+        assert_bad_file(path, "'out_proj.bias' holds Python objects", "never unpickles")
+
+    def test_torch_save_archive_is_never_unpickled(self, layer, tmp_path):
+        torch = pytest.importorskip("torch")
+        path = tmp_path / "weights.pt"
+        torch.save({"payload": _Payload(), **{n: torch.asarray(w) for n, w in host(layer).items()}},
+                   path)
+        assert path.read_bytes()[:2] == b"PK"  # a zip archive, like .npz
+        assert_bad_file(path, "is not a NumPy array")
+
+    def test_foreign_zip(self, tmp_path):
+        path = tmp_path / "weights.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("in_proj_weight.npy", b"not an array at all")
+        assert_bad_file(path)
+
+    @pytest.mark.parametrize("change,fragments", [
+        (lambda a: a.pop("out_proj.weight"), ["missing", "out_proj.weight"]),
+        (lambda a: a.update(bias_k=np.zeros((1, 1, 8))), ["unexpected", "bias_k"]),
+        (lambda a: a.update({"in_proj_weight": np.zeros((24, 7))}), ["in_proj_weight", "shape"]),
+        (lambda a: a.update({"out_proj.bias": np.zeros(8, dtype=np.float32)}), ["dtype"]),
+        (lambda a: a.update({"out_proj.bias": np.zeros(8, dtype=np.int64)}), ["int64", "float"]),
+        (lambda a: a.update({"out_proj.bias": np.zeros(8, dtype=np.complex128)}), ["complex128"]),
+        (lambda a: a.update({"out_proj.bias": np.zeros(8, dtype=np.longdouble)}), ["float"]),
+        (lambda a: a.update({"out_proj.bias": np.zeros(8, dtype=[("x", "f8")])}), ["dtype"]),
+        (lambda a: a.update(num_heads=np.asarray(3)), ["divisible by num_heads"]),
+        (lambda a: a.update(num_heads=np.asarray(0)), ["num_heads must be a positive"]),
+        (lambda a: a.update(num_heads=np.asarray(-2)), ["num_heads must be a positive"]),
+        (lambda a: a.update(num_heads=np.asarray(2.0)), ["num_heads must be a 0-d integer"]),
+        (lambda a: a.update(num_heads=np.asarray([2, 2])), ["num_heads must be a 0-d integer"]),
+        (lambda a: a.update(num_heads=np.asarray("2")), ["num_heads must be a 0-d integer"]),
+    ], ids=["missing", "extra", "shape", "mixed-dtypes", "int", "complex", "longdouble",
+            "structured", "heads-not-dividing", "heads-0", "heads-negative", "heads-float",
+            "heads-vector", "heads-str"])
+    def test_mismatched_npz(self, layer, tmp_path, change, fragments):
+        arrays = host(layer) | {"num_heads": np.asarray(2)}
+        change(arrays)
+        assert_bad_file(write_npz(tmp_path / "w.npz", arrays), *fragments)
+
+    def test_big_endian_file_loads(self, layer, tmp_path):
+        arrays = {n: w.astype(">f8") for n, w in host(layer).items()} | {"num_heads": np.asarray(2)}
+        loaded = mha_xp.load_weights(write_npz(tmp_path / "w.npz", arrays))
+        x = np.random.default_rng(0).standard_normal((1, 3, 8))
+        np.testing.assert_array_equal(loaded(x), layer(x))
+
+    @needs_safetensors
+    @pytest.mark.parametrize("metadata,fragment", [
+        ({"num_heads": "two"}, "must be an integer"), ({"num_heads": "0"}, "positive"),
+        ({}, "does not record num_heads"), ({"num_heads": "3"}, "divisible"),
+    ])
+    def test_mismatched_safetensors(self, layer, tmp_path, metadata, fragment):
+        from safetensors.numpy import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file(host(layer), path, metadata=metadata)
+        assert_bad_file(path, fragment)
+
+    @needs_safetensors
+    def test_safetensors_with_integer_entry(self, layer, tmp_path):
+        from safetensors.numpy import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file(host(layer) | {"out_proj.bias": np.zeros(8, dtype=np.int32)}, path,
+                  metadata={"num_heads": "2"})
+        assert_bad_file(path, "int32")
+
+    def test_failed_load_leaves_the_layer_untouched(self, layer, tmp_path):
+        before = host(layer)
+        path = saved(tmp_path, layer)
+        path.write_bytes(path.read_bytes()[:-40])
+        current = layer
+        with pytest.raises(ValueError):
+            current = mha_xp.load_weights(path)
+        assert current is layer
+        for n, w in host(layer).items():
+            np.testing.assert_array_equal(w, before[n])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+class TestDamagedFilesFuzz:
+    """Truncations and byte flips anywhere in a valid file: either the file
+    still loads as a valid layer of the same architecture (a flip inside the
+    raw array bytes of a safetensors file, which has no checksum), or
+    load_weights raises ValueError naming it; nothing else, ever."""
+
+    @pytest.fixture
+    def good(self, fmt, tmp_path_factory):
+        layer = MHA(8, 2, kdim=3, vdim=3, seed=0)
+        path = tmp_path_factory.mktemp("good") / f"w.{fmt}"
+        mha_xp.save_weights(layer, path)
+        return path.read_bytes()
+
+    @budget(25)
+    @given(cut=st.floats(0.0, 1.0, exclude_max=True))
+    def test_truncated(self, fmt, good, cut, tmp_path_factory):
+        path = tmp_path_factory.mktemp("cut") / f"w.{fmt}"
+        path.write_bytes(good[: int(cut * len(good))])
+        note(f"kept {int(cut * len(good))} of {len(good)} bytes")
+        assert_bad_file(path)
+
+    @budget(40)
+    @given(flips=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(1, 255)),
+                          min_size=1, max_size=4))
+    def test_bytes_flipped(self, fmt, good, flips, tmp_path_factory):
+        data = bytearray(good)
+        for where, xor in flips:
+            data[int(where * len(data))] ^= xor
+        path = tmp_path_factory.mktemp("flip") / f"w.{fmt}"
+        path.write_bytes(bytes(data))
+        note(f"flipped at {[int(w * len(data)) for w, _ in flips]} of {len(data)}")
+        try:
+            loaded = mha_xp.load_weights(path)
+        except ValueError as exc:
+            assert str(path) in str(exc)
+        else:
+            assert (loaded.embed_dim, loaded.num_heads, loaded.kdim, loaded.vdim) == (8, 2, 3, 3)
+        assert not UNPICKLED
+
+
+def test_round_trip_through_a_buffer_of_bytes(layer, tmp_path):
+    """The npz writer produces what np.load reads with allow_pickle=False."""
+    path = saved(tmp_path, layer)
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
+        for n, w in layer.state_dict().items():
+            np.testing.assert_array_equal(f[n], w)
