@@ -12,6 +12,7 @@ from array_api_compat import device as device_of
 from ._checks import (
     check_bias,
     check_chunk_size,
+    check_flag,
     check_grad,
     check_mask,
     check_same_dtype,
@@ -19,7 +20,13 @@ from ._checks import (
     check_sdpa_shapes,
 )
 from ._backward import attention_backward
-from ._chunked import chunked_attention, chunked_weights, merge_partials
+from ._chunked import (
+    broadcast_lead,
+    chunked_attention,
+    chunked_weights,
+    lse_from_stats,
+    merge_partials,
+)
 from . import _config
 from ._config import resolve_budget
 from ._lib._math import masked_softmax
@@ -74,29 +81,30 @@ def attend(
     is_causal: bool,
     scale: float,
     return_weights: bool,
-    return_lse: bool,
+    return_stats: bool,
     chunk_size: tuple[int, int] | None,
     memory_budget: int | None,
     xp: ModuleType,
-) -> tuple[Array, Array | None, Array | None]:
+) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
     """Attention on validated inputs: ``softmax(Q K^T * scale + bias, allowed) V``.
 
     ``allowed`` is the AND of ``mask``, ``key_keep`` (False on padding keys,
     broadcastable to ``(..., 1, S)``) and the causal triangle. Returns
-    ``(out, weights or None, lse or None)``.
+    ``(out, weights or None, stats or None)``, where ``stats = (m, l)`` are the
+    rows' softmax shift and sum (see :func:`~mha_xp._chunked.lse_from_stats`).
 
     16-bit inputs are computed in float32 (the score matmul, the softmax sums
     and the weighted sum of values accumulate in float32); ``out`` and
-    ``weights`` are cast back, ``lse`` stays float32.
+    ``weights`` are cast back, ``stats`` stay float32.
     """
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     if work != dtype:
         query, key, value = (xp.astype(t, work) for t in (query, key, value))
         bias = None if bias is None else xp.astype(bias, work)
+    mask, bias = _at_least_2d(mask, xp), _at_least_2d(bias, xp)
     L, S = query.shape[-2], key.shape[-2]
-    lead = tuple(max(a, b, c) for a, b, c in
-                 zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    lead = broadcast_lead(query, key, value)
     itemsize = xp.finfo(work).bits // 8
     budget = resolve_budget(memory_budget)
     available = _config.host_memory_available(xp, device_of(query))
@@ -114,7 +122,7 @@ def attend(
         # generous budget send it past the memory there is.
         budget = min(budget, available // 4)
     blocks = plan_blocks(lead, L, S, itemsize, chunk_size, budget)
-    weights = lse = None
+    weights = stats = None
     if blocks is None:
         # Scale Q (L x D) rather than the scores (L x S).
         scores = xp.matmul(query * scale, xp.matrix_transpose(key))
@@ -122,24 +130,40 @@ def attend(
             scores = scores + bias
         causal = causal_mask(L, S, xp=xp, device=device_of(query)) if is_causal else None
         allowed = combine(combine(mask, key_keep, xp=xp), causal, xp=xp)
-        if return_lse:
-            weights, lse = masked_softmax(scores, allowed, xp=xp, return_lse=True)
+        if return_stats:
+            weights, stats = masked_softmax(scores, allowed, xp=xp, return_stats=True)
+            stats = tuple(_expand(t, lead + (L,), xp) for t in stats)
         else:
             weights = masked_softmax(scores, allowed, xp=xp)
-        out = xp.matmul(weights, value)
-        if not return_weights:
-            weights = None
+        out = _expand(xp.matmul(weights, value), lead + (L, value.shape[-1]), xp)
+        weights = _expand(weights, lead + (L, S), xp) if return_weights else None
     else:
         q_block, k_block = blocks
         common = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
                       scale=scale, q_block=q_block, k_block=k_block, xp=xp)
-        out, lse = chunked_attention(query, key, value, **common)
+        out, stats = chunked_attention(query, key, value, **common)
         if return_weights:
-            weights = chunked_weights(query, key, lse, **common)
+            weights = _expand(chunked_weights(query, key, stats, **common), lead + (L, S), xp)
     if work != dtype:
         out = xp.astype(out, dtype)
         weights = None if weights is None else xp.astype(weights, dtype)
-    return out, weights, lse if return_lse else None
+    return out, weights, stats if return_stats else None
+
+
+def _at_least_2d(x: Array | None, xp: ModuleType) -> Array | None:
+    """A mask or bias with its (L, S) axes present (a 0-d or 1-d one
+    broadcasts against them), so that blocks can be sliced from it."""
+    if x is None or x.ndim >= 2:
+        return x
+    return xp.reshape(x, (1,) * (2 - x.ndim) + tuple(x.shape))
+
+
+def _expand(x: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:
+    """``x`` with the full broadcast shape (e.g. weights of a query that is
+    shared across a batch of values), as a new array, not a read-only view."""
+    if tuple(x.shape) == shape:
+        return x
+    return xp.broadcast_to(x, shape) + xp.zeros(shape, dtype=x.dtype, device=device_of(x))
 
 
 def _validate(
@@ -263,9 +287,11 @@ def scaled_dot_product_attention(
     True
     """
     xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    is_causal = check_flag("is_causal", is_causal)
+    return_weights = check_flag("return_weights", return_weights)
     out, weights, _ = attend(
-        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=bool(is_causal),
-        scale=scale, return_weights=bool(return_weights), return_lse=False,
+        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
+        scale=scale, return_weights=return_weights, return_stats=False,
         chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
     )
     return (out, weights) if return_weights else out
@@ -321,12 +347,13 @@ def attention_with_lse(
     True
     """
     xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
-    out, _, lse = attend(
-        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=bool(is_causal),
-        scale=scale, return_weights=False, return_lse=True,
+    is_causal = check_flag("is_causal", is_causal)
+    out, _, stats = attend(
+        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
+        scale=scale, return_weights=False, return_stats=True,
         chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
     )
-    return out, lse
+    return out, lse_from_stats(stats, xp=xp)
 
 
 def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple[Array, Array]:
@@ -368,9 +395,20 @@ def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple
     >>> bool(np.allclose(out, mha_xp.scaled_dot_product_attention(q, k, v)))
     True
     """
+    for name, x in (("out1", out1), ("lse1", lse1), ("out2", out2), ("lse2", lse2)):
+        if x is None:
+            raise TypeError(f"{name} must be an array, got None")
     xp, _ = common_namespace(out1=out1, lse1=lse1, out2=out2, lse2=lse2)
     check_same_dtype(xp, out1=out1, out2=out2)
     check_same_dtype(xp, lse1=lse1, lse2=lse2)
+    if out1.ndim < 2:
+        raise ValueError(f"out1 and out2 must have shape (..., L, Dv), got {tuple(out1.shape)}")
+    if lse1.dtype != compute_dtype(out1.dtype, xp):
+        raise TypeError(
+            f"lse1 and lse2 have dtype {dtype_name(lse1.dtype)} but out1 and out2 are "
+            f"{dtype_name(out1.dtype)}; pass the log-sum-exps attention_with_lse returned "
+            f"with them (float32 for 16-bit outputs, the outputs' dtype otherwise)"
+        )
     if tuple(out1.shape) != tuple(out2.shape):
         raise ValueError(f"out1 and out2 must have the same shape, got {tuple(out1.shape)} and {tuple(out2.shape)}")
     for name, lse in (("lse1", lse1), ("lse2", lse2)):
@@ -391,7 +429,7 @@ def attend_backward(
     key: Array,
     value: Array,
     out: Array,
-    lse: Array,
+    stats: tuple[Array, Array],
     grad_out: Array,
     /,
     *,
@@ -403,7 +441,7 @@ def attend_backward(
     chunk_size: tuple[int, int] | None,
     xp: ModuleType,
 ) -> tuple[Array, Array, Array, Array | None]:
-    """Gradients of :func:`attend` from its saved output and log-sum-exp.
+    """Gradients of :func:`attend` from its saved output and row statistics.
 
     The blocks are those of the chunked path (``chunk_size`` when given),
     whatever path the forward took. 16-bit inputs are computed in float32 and the
@@ -416,14 +454,17 @@ def attend_backward(
             xp.astype(t, work) for t in (query, key, value, out, grad_out))
         bias = None if bias is None else xp.astype(bias, work)
     L, S = query.shape[-2], key.shape[-2]
-    lead = tuple(max(a, b, c) for a, b, c in
-                 zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    lead = broadcast_lead(query, key, value)
     # Always blocked (a budget of 0): the backward keeps four score-sized
     # temporaries alive, and cache-sized blocks are faster than one big one.
     q_block, k_block = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size, 0)
+    bias_shape = None if bias is None else tuple(bias.shape)
+    mask, bias = _at_least_2d(mask, xp), _at_least_2d(bias, xp)
     grads = attention_backward(
-        query, key, value, out, lse, grad_out, mask=mask, key_keep=key_keep, bias=bias,
+        query, key, value, out, stats, grad_out, mask=mask, key_keep=key_keep, bias=bias,
         is_causal=is_causal, scale=scale, q_block=q_block, k_block=k_block, xp=xp)
+    if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
+        grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
     if work != dtype:
         grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
     return grads
@@ -494,17 +535,17 @@ def attention_vjp(
     True
     """
     xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
-    is_causal = bool(is_causal)
-    out, _, lse = attend(
+    is_causal = check_flag("is_causal", is_causal)
+    out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
-        scale=scale, return_weights=False, return_lse=True,
+        scale=scale, return_weights=False, return_stats=True,
         chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
     )
 
     def backward(grad_out: Array) -> dict[str, Array]:
         check_grad(grad_out, out, xp=xp, name="grad_out")
         dq, dk, dv, dbias = attend_backward(
-            query, key, value, out, lse, grad_out, mask=mask, key_keep=None, bias=bias,
+            query, key, value, out, stats, grad_out, mask=mask, key_keep=None, bias=bias,
             is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp)
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:

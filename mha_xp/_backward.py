@@ -1,8 +1,9 @@
 """The backward pass of attention, FlashAttention-2 style, on the array API.
 
-The forward keeps only its output ``O`` and the per-row log-sum-exp ``lse``.
+The forward keeps only its output ``O`` and the per-row softmax statistics
+(the shift ``m`` and the sum ``l``, whose ``m + log l`` is the log-sum-exp).
 The backward recomputes the probabilities block by block,
-``P = exp(S - lse)``, and with ``D = rowsum(dO * O)``:
+``P = exp(S - m) / l``, and with ``D = rowsum(dO * O)``:
 
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),
     dQ = scale * dS K,   dK = scale * dS^T Q,   dBias = dS,
@@ -18,8 +19,8 @@ from typing import Any
 
 from array_api_compat import device as device_of
 
-from ._chunked import block_scores, causal_key_end
-from ._lib._inplace import gated_difference, shifted_exp, writes_in_place
+from ._chunked import block_scores, broadcast_lead, causal_key_end, probabilities
+from ._lib._inplace import gated_difference, writes_in_place
 from ._lib._namespace import Array
 
 __all__ = ["attention_backward", "unbroadcast"]
@@ -69,7 +70,7 @@ def attention_backward(
     key: Array,
     value: Array,
     out: Array,
-    lse: Array,
+    stats: tuple[Array, Array],
     grad_out: Array,
     /,
     *,
@@ -85,10 +86,10 @@ def attention_backward(
 ) -> tuple[Array, Array, Array, Array | None]:
     """Gradients of attention with respect to query, key, value and bias.
 
-    All arrays are in the compute dtype; ``out`` and ``lse`` come from the
+    All arrays are in the compute dtype; ``out`` and ``stats`` come from the
     forward with the same arguments. Returns ``(dq, dk, dv, dbias)`` with the
     shapes of ``query``, ``key``, ``value`` and ``bias`` (``dbias`` None
-    without a bias). Rows with nothing to attend to (``lse = +inf``) get zero
+    without a bias). Rows with nothing to attend to (``l = 0``) get zero
     gradients. ``in_place`` (default: where the backend allows) overwrites
     the score blocks, which are temporaries of this function.
     """
@@ -99,7 +100,7 @@ def attention_backward(
     offset = S - L
     q_scaled = query * scale
     delta = xp.sum(grad_out * out, axis=-1, keepdims=True)
-    lse = xp.expand_dims(lse, axis=-1)
+    m, l = (xp.expand_dims(t, axis=-1) for t in stats)
     n_k = -(-S // k_block) if S else 0
     dk_parts: list[Any] = [None] * n_k
     dv_parts: list[Any] = [None] * n_k
@@ -108,7 +109,7 @@ def attention_backward(
     for i0 in range(0, L, q_block):
         rows = slice(i0, min(i0 + q_block, L))
         q, do = q_scaled[..., rows, :], grad_out[..., rows, :]
-        d_i, lse_i = delta[..., rows, :], lse[..., rows, :]
+        d_i, row_stats = delta[..., rows, :], (m[..., rows, :], l[..., rows, :])
         dq = None
         bias_cols = []
         j_end = causal_key_end(rows.stop, S, offset, is_causal)
@@ -121,7 +122,7 @@ def attention_backward(
             s = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
                              is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp,
                              in_place=in_place)
-            p = shifted_exp(s, lse_i, xp=xp, in_place=in_place)
+            p = probabilities(s, row_stats, xp=xp, in_place=in_place)
             k_j, v_j = key[..., cols, :], value[..., cols, :]
             dv = xp.matmul(xp.matrix_transpose(p), do)
             ds = gated_difference(xp.matmul(do, xp.matrix_transpose(v_j)), d_i, p, xp=xp,
@@ -158,8 +159,7 @@ def attention_backward(
 
     dq = unbroadcast(dq_parts[0] if len(dq_parts) == 1 else xp.concat(dq_parts, axis=-2),
                      tuple(query.shape), xp=xp)
-    lead = tuple(max(a, b, c) for a, b, c in
-                 zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    lead = broadcast_lead(query, key, value)
     like_k = xp.zeros(lead + (S, key.shape[-1]), dtype=query.dtype, device=dev)
     like_v = xp.zeros(lead + (S, value.shape[-1]), dtype=query.dtype, device=dev)
     dk = unbroadcast(assemble(dk_parts, like_k, -2, True, k_block), tuple(key.shape), xp=xp)

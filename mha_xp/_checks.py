@@ -18,12 +18,15 @@ from ._lib._namespace import (
 __all__ = [
     "check_bias",
     "check_chunk_size",
+    "check_dtype",
+    "check_flag",
     "check_grad",
     "check_mask",
     "check_positive_int",
     "check_same_dtype",
     "check_scale",
     "check_sdpa_shapes",
+    "check_seed",
 ]
 
 MASK_MEANING = "True means 'may attend'"
@@ -101,6 +104,11 @@ def check_sdpa_shapes(query: Array, key: Array, value: Array) -> tuple[int, ...]
             "query, key and value must have the same number of dimensions, got shapes "
             f"{shapes['query']}, {shapes['key']} and {shapes['value']}"
         )
+    if shapes["query"][-2] == 0 or shapes["key"][-2] == 0:
+        raise ValueError(
+            "query and key must have at least one position each (L >= 1, S >= 1) on "
+            f"axis -2, got query {shapes['query']} and key {shapes['key']}"
+        )
     if shapes["query"][-1] != shapes["key"][-1]:
         raise ValueError(
             f"query and key must have the same feature size (last axis), got query "
@@ -165,6 +173,8 @@ def check_same_dtype(xp: ModuleType, **arrays: Array) -> Any:
 
 def check_grad(grad: Any, out: Array, *, xp: ModuleType, name: str) -> None:
     """An upstream gradient must match the output it belongs to exactly."""
+    if grad is None:
+        raise TypeError(f"{name} must be an array (the gradient of the loss with respect to the output), got None")
     common_namespace(out=out, **{name: grad})
     if grad.dtype != out.dtype:
         raise TypeError(
@@ -175,3 +185,51 @@ def check_grad(grad: Any, out: Array, *, xp: ModuleType, name: str) -> None:
         raise ValueError(
             f"{name} must have the output's shape {tuple(out.shape)}, got {tuple(grad.shape)}"
         )
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no argument: a Python or NumPy bool, or the int 0 or 1; never an
+    array, whose truth value would be ambiguous or force a computation."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    kind = "an array" if hasattr(value, "shape") else f"{type(value).__name__} {value!r}"
+    raise TypeError(f"{name} must be a Python bool, got {kind}")
+
+
+def check_seed(seed: Any) -> Any:
+    """``seed``: None, a non-negative int or a ``numpy.random.Generator``."""
+    import numpy as np
+
+    if seed is None or isinstance(seed, (np.random.Generator, np.random.SeedSequence)):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"seed must be None, a non-negative int or a numpy.random.Generator, "
+            f"got {type(seed).__name__} {seed!r}"
+        )
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
+    return int(seed)
+
+
+def check_dtype(dtype: Any, xp: ModuleType, lib: str) -> Any:
+    """A real floating dtype of the namespace ``xp`` (named ``lib`` in errors)."""
+    try:
+        ok = xp.isdtype(dtype, "real floating")
+    except Exception:  # e.g. a string, or NumPy's float32 given to torch
+        ok = False
+        if isinstance(dtype, str) and getattr(xp, dtype, None) is not None:
+            hint = f" (use {lib}.{dtype})"
+        else:
+            hint = f" (use {lib}.float32 or {lib}.float64)"
+    else:
+        hint = ""
+    if not ok:
+        raise TypeError(
+            f"dtype must be a real floating dtype of {lib}, got {dtype_name(dtype)!s}{hint}"
+        )
+    return dtype

@@ -18,24 +18,25 @@ from typing import Any
 
 from array_api_compat import device as device_of
 
-from ._lib._inplace import add_into, shifted_exp, writes_in_place
+from ._lib._inplace import add_into, divide_into, shifted_exp, writes_in_place
 from ._lib._namespace import Array
 
 __all__ = [
     "block_scores",
+    "broadcast_lead",
     "causal_key_end",
     "chunked_attention",
     "chunked_weights",
+    "lse_from_stats",
     "merge_partials",
+    "probabilities",
     "slice_block",
 ]
 
 
 def slice_block(x: Array | None, rows: slice, cols: slice) -> Array | None:
-    """The ``(rows, cols)`` block of an array broadcastable to ``(..., L, S)``.
-
-    An axis of size 1 (broadcast) is kept whole.
-    """
+    """The ``(rows, cols)`` block of an array broadcastable to ``(..., L, S)``
+    and at least 2-D. An axis of size 1 (broadcast) is kept whole."""
     if x is None:
         return None
     r = rows if x.shape[-2] != 1 else slice(None)
@@ -98,7 +99,7 @@ def chunked_attention(
     k_block: int,
     xp: ModuleType,
     in_place: bool | None = None,
-) -> tuple[Array, Array]:
+) -> tuple[Array, tuple[Array, Array]]:
     """Blocked attention on validated, already up-cast inputs.
 
     Parameters
@@ -127,17 +128,16 @@ def chunked_attention(
     -------
     out : array
         ``(..., L, Dv)`` in the compute dtype; zero for fully masked rows.
-    lse : array
-        ``(..., L)``, the log-sum-exp of each row's scaled scores; ``+inf``
-        for a fully masked row (so that ``exp(s - lse)`` is 0 there).
+    stats : (array, array)
+        The softmax statistics of each row, ``(..., L)`` each: the shift
+        ``m`` (the row maximum, 0 for a row with nothing to attend to) and the
+        sum ``l`` of ``exp(s - m)`` (0 for such a row). See
+        :func:`lse_from_stats` and :func:`probabilities`.
     """
     L, S = query.shape[-2], key.shape[-2]
     dtype, dev = query.dtype, device_of(query)
-    lead = tuple(
-        max(a, b, c) for a, b, c in zip(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    )
+    lead = broadcast_lead(query, key, value)
     neg_inf = xp.asarray(-math.inf, dtype=dtype, device=dev)
-    pos_inf = xp.asarray(math.inf, dtype=dtype, device=dev)
     zero = xp.asarray(0.0, dtype=dtype, device=dev)
     one = xp.asarray(1.0, dtype=dtype, device=dev)
     offset = S - L  # bottom-right alignment: query i sees keys j <= i + offset
@@ -145,7 +145,7 @@ def chunked_attention(
     if in_place is None:
         in_place = writes_in_place(xp)
 
-    outs, lses = [], []
+    outs, maxes, sums = [], [], []
     for i0 in range(0, L, q_block):
         i1 = min(i0 + q_block, L)
         rows = slice(i0, i1)
@@ -175,16 +175,40 @@ def chunked_attention(
         rows_lead = lead + (i1 - i0,)
         if m is None:  # every key block lies above the diagonal: nothing to attend to
             outs.append(xp.zeros(rows_lead + (value.shape[-1],), dtype=dtype, device=dev))
-            lses.append(xp.full(rows_lead, math.inf, dtype=dtype, device=dev))
+            maxes.append(xp.zeros(rows_lead, dtype=dtype, device=dev))
+            sums.append(xp.zeros(rows_lead, dtype=dtype, device=dev))
             continue
-        empty = l == zero
-        outs.append(xp.broadcast_to(acc / xp.where(empty, one, l), rows_lead + (value.shape[-1],)))
-        shift = xp.where(m == neg_inf, zero, m)
-        lse = xp.where(empty, pos_inf, shift + xp.log(xp.where(empty, one, l)))
-        lses.append(xp.broadcast_to(lse[..., 0], rows_lead))
+        outs.append(xp.broadcast_to(acc / xp.where(l == zero, one, l),
+                                    rows_lead + (value.shape[-1],)))
+        maxes.append(xp.broadcast_to(xp.where(m == neg_inf, zero, m)[..., 0], rows_lead))
+        sums.append(xp.broadcast_to(l[..., 0], rows_lead))
     if len(outs) == 1:
-        return outs[0], lses[0]
-    return xp.concat(outs, axis=-2), xp.concat(lses, axis=-1)
+        return outs[0], (maxes[0], sums[0])
+    return xp.concat(outs, axis=-2), (xp.concat(maxes, axis=-1), xp.concat(sums, axis=-1))
+
+
+def lse_from_stats(stats: tuple[Array, Array], /, *, xp: ModuleType) -> Array:
+    """``log(sum exp(s))`` from the softmax statistics ``(m, l)`` of a row:
+    ``m + log(l)``, or ``+inf`` for a row with nothing to attend to (``l = 0``),
+    so that ``exp(s - lse)`` is 0 there, as in FlashAttention."""
+    m, l = stats
+    dev = device_of(m)
+    empty = l == xp.asarray(0.0, dtype=l.dtype, device=dev)
+    safe = xp.where(empty, xp.asarray(1.0, dtype=l.dtype, device=dev), l)
+    return xp.where(empty, xp.asarray(math.inf, dtype=l.dtype, device=dev), m + xp.log(safe))
+
+
+def probabilities(s: Array, stats: tuple[Array, Array], /, *, xp: ModuleType,
+                  in_place: bool) -> Array:
+    """Attention probabilities ``exp(s - m) / l`` of a score block, from the
+    row statistics of the forward (``(..., rows, 1)`` each). Using ``m`` and
+    ``l`` rather than ``exp(s - lse)`` keeps float32 exact to rounding even
+    when scores are large (``lse`` rounded to float32 would cost ``|lse|·eps``).
+    """
+    m, l = stats
+    safe = xp.where(l == xp.asarray(0.0, dtype=l.dtype, device=device_of(l)), xp.ones_like(l), l)
+    return divide_into(shifted_exp(s, m, xp=xp, in_place=in_place), safe, xp=xp,
+                       in_place=in_place)
 
 
 def merge_partials(
@@ -218,7 +242,7 @@ def merge_partials(
 def chunked_weights(
     query: Array,
     key: Array,
-    lse: Array,
+    stats: tuple[Array, Array],
     /,
     *,
     mask: Array | None,
@@ -229,23 +253,40 @@ def chunked_weights(
     q_block: int,
     k_block: int,
     xp: ModuleType,
+    in_place: bool | None = None,
 ) -> Array:
-    """The attention weights ``exp(s - lse)``, recomputed block by block from
-    the forward's log-sum-exp, so that asking for them never changes the
-    output. Rows with ``lse = +inf`` (nothing to attend to) are all zero."""
+    """The attention weights ``exp(s - m) / l``, recomputed block by block
+    from the forward's row statistics, so that asking for them never changes
+    the output. Rows with nothing to attend to are all zero."""
     L, S = query.shape[-2], key.shape[-2]
     offset = S - L
     query = query * scale
-    lse = xp.expand_dims(lse, axis=-1)
+    if in_place is None:
+        in_place = writes_in_place(xp)
+    m, l = (xp.expand_dims(t, axis=-1) for t in stats)
     rows_out = []
     for i0 in range(0, L, q_block):
         rows = slice(i0, min(i0 + q_block, L))
-        q, row_lse = query[..., rows, :], lse[..., rows, :]
+        q, row_stats = query[..., rows, :], (m[..., rows, :], l[..., rows, :])
         blocks = [
-            xp.exp(block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
-                                is_causal=is_causal, rows=rows, cols=slice(j0, min(j0 + k_block, S)),
-                                offset=offset, xp=xp) - row_lse)
+            probabilities(
+                block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
+                             rows=rows, cols=slice(j0, min(j0 + k_block, S)), offset=offset,
+                             xp=xp, in_place=in_place),
+                row_stats, xp=xp, in_place=in_place)
             for j0 in range(0, S, k_block)
         ]
         rows_out.append(blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-1))
     return rows_out[0] if len(rows_out) == 1 else xp.concat(rows_out, axis=-2)
+
+
+def broadcast_lead(*arrays: Array) -> tuple[int, ...]:
+    """The broadcast of the leading (batch, head) shapes of ``(..., n, d)``
+    arrays, already validated as broadcastable (a size-0 axis stays 0)."""
+    shapes = [tuple(a.shape[:-2]) for a in arrays]
+    ndim = max(len(shape) for shape in shapes)
+    lead = []
+    for axis in range(-ndim, 0):
+        sizes = {shape[axis] for shape in shapes if len(shape) >= -axis} - {1}
+        lead.append(sizes.pop() if sizes else 1)
+    return tuple(lead)

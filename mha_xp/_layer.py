@@ -12,7 +12,16 @@ import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
 from ._attention import attend, attend_backward
-from ._checks import check_bias, check_chunk_size, check_grad, check_mask, check_positive_int
+from ._checks import (
+    check_bias,
+    check_chunk_size,
+    check_dtype,
+    check_flag,
+    check_grad,
+    check_mask,
+    check_positive_int,
+    check_seed,
+)
 from ._lib._namespace import (
     Array,
     common_namespace,
@@ -182,15 +191,23 @@ class MultiHeadAttention:
         num_heads = check_positive_int("num_heads", num_heads)
         kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
+        bias = check_flag("bias", bias)
+        seed = check_seed(seed)
         xp = normalize_namespace(np if xp is None else xp)
         if dtype is None:
-            dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
-        elif not xp.isdtype(dtype, "real floating"):
-            raise TypeError(f"dtype must be a real floating dtype, got {dtype_name(dtype)}")
-        host = _init_params(embed_dim, kdim, vdim, bool(bias), seed)
-        params = {
-            name: xp.astype(xp.asarray(w, device=device), dtype) for name, w in host.items()
-        }
+            try:
+                dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+            except Exception as exc:
+                raise ValueError(f"device {device!r} is not a device of {lib_name(xp)} ({exc})") from exc
+        else:
+            dtype = check_dtype(dtype, xp, lib_name(xp))
+        host = _init_params(embed_dim, kdim, vdim, bias, seed)
+        try:
+            params = {
+                name: xp.astype(xp.asarray(w, device=device), dtype) for name, w in host.items()
+            }
+        except Exception as exc:  # an unknown device, in the library's own words
+            raise ValueError(f"device {device!r} is not a device of {lib_name(xp)} ({exc})") from exc
         self._setup(params, num_heads, xp)
 
     # -- construction ------------------------------------------------------
@@ -547,8 +564,7 @@ class MultiHeadAttention:
             device = self._device
         params = {n: convert(w, target, device) for n, w in self._params.items()}
         if dtype is not None:
-            if not target.isdtype(dtype, "real floating"):
-                raise TypeError(f"dtype must be a real floating dtype, got {dtype_name(dtype)}")
+            check_dtype(dtype, target, lib_name(target))
             params = {n: target.astype(w, dtype) for n, w in params.items()}
         return type(self)._from_params(params, self.num_heads, target, device)
 
@@ -660,8 +676,10 @@ class MultiHeadAttention:
             Inputs on another device; wrong ranks or sizes.
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
-        out, weights, _ = self._forward(call, is_causal=bool(is_causal),
-                                        return_weights=bool(return_weights),
+        return_weights = check_flag("return_weights", return_weights)
+        average_weights = check_flag("average_weights", average_weights)
+        out, weights, _ = self._forward(call, is_causal=check_flag("is_causal", is_causal),
+                                        return_weights=return_weights,
                                         memory_budget=memory_budget, residuals=False)
         if not return_weights:
             return out
@@ -734,7 +752,7 @@ class MultiHeadAttention:
         True
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
-        is_causal = bool(is_causal)
+        is_causal = check_flag("is_causal", is_causal)
         out, _, res = self._forward(call, is_causal=is_causal, return_weights=False,
                                     memory_budget=memory_budget, residuals=True)
 
@@ -798,6 +816,11 @@ class MultiHeadAttention:
             )
         chunk_size = check_chunk_size(chunk_size)
         L, S, H = query.shape[-2], key.shape[-2], self.num_heads
+        if L == 0 or S == 0:
+            raise ValueError(
+                "query and key must have at least one position each (L >= 1, S >= 1), "
+                f"got query {tuple(query.shape)} and key {tuple(key.shape)}"
+            )
         scores_shape = ((query.shape[0],) if batched else ()) + (H, L, S)
         labels = "(B, H, L, S)" if batched else "(H, L, S)"
         if mask is not None:
@@ -843,10 +866,11 @@ class MultiHeadAttention:
             key = xp.where(keep, key, zero)
             value = key if same else xp.where(keep, value, zero)
         q, k, v = self._project(query, key, value)
-        heads, weights, lse = attend(
+        heads, weights, stats = attend(
             q, k, v, mask=call.mask, key_keep=key_keep, bias=call.bias, is_causal=is_causal,
             scale=1.0 / math.sqrt(self.head_dim), return_weights=return_weights,
-            return_lse=residuals, chunk_size=call.chunk_size, memory_budget=memory_budget, xp=xp,
+            return_stats=residuals, chunk_size=call.chunk_size, memory_budget=memory_budget,
+            xp=xp,
         )
         merged = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, L, self.embed_dim))
         out = _linear(merged, self._params["out_proj.weight"], self._params.get("out_proj.bias"), xp)
@@ -855,7 +879,7 @@ class MultiHeadAttention:
         res = None
         if residuals:
             res = dict(key=key, value=value, keep=keep, key_keep=key_keep, q=q, k=k, v=v,
-                       heads=heads, lse=lse, merged=merged)
+                       heads=heads, stats=stats, merged=merged)
         return out, weights, res
 
     def _backward(
@@ -874,7 +898,7 @@ class MultiHeadAttention:
             grads["out_proj.bias"] = xp.sum(dy, axis=0)
         d_heads = _split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, E)), H, xp)
         dq, dk, dv, dbias = attend_backward(
-            res["q"], res["k"], res["v"], res["heads"], res["lse"], d_heads, mask=call.mask,
+            res["q"], res["k"], res["v"], res["heads"], res["stats"], d_heads, mask=call.mask,
             key_keep=res["key_keep"], bias=call.bias, is_causal=is_causal,
             scale=1.0 / math.sqrt(D), chunk_size=call.chunk_size, xp=xp)
         inputs = (call.query, res["key"], res["value"])

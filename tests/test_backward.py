@@ -253,13 +253,15 @@ class TestInPlaceBackward:
 
         from mha_xp._backward import attention_backward
 
+        from mha_xp._chunked import chunked_attention
+
         q, k, v = (rng.standard_normal(s) for s in [(2, 3, 7, 4), (2, 3, 9, 4), (2, 3, 9, 5)])
-        out, lse = mha_xp.attention_with_lse(q, k, v, is_causal=True)
-        go = rng.standard_normal(out.shape)
         bias = rng.standard_normal((3, 7, 9))
         kwargs = dict(mask=rng.random((7, 9)) < 0.8, key_keep=None, bias=bias, is_causal=True,
                       scale=0.5, q_block=3, k_block=4, xp=xp)
-        fast = attention_backward(q, k, v, out, lse, go, **kwargs, in_place=True)
-        portable = attention_backward(q, k, v, out, lse, go, **kwargs, in_place=False)
+        out, stats = chunked_attention(q, k, v, **kwargs)
+        go = rng.standard_normal(out.shape)
+        fast = attention_backward(q, k, v, out, stats, go, **kwargs, in_place=True)
+        portable = attention_backward(q, k, v, out, stats, go, **kwargs, in_place=False)
         for a, b in zip(fast, portable):
             np.testing.assert_array_equal(a, b)

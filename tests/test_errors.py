@@ -119,7 +119,7 @@ class TestLayerConstructionErrors:
             MHA(kwargs.pop("embed_dim"), kwargs.pop("num_heads"), **kwargs)
 
     def test_integer_dtype(self):
-        with pytest.raises(TypeError, match="dtype must be a real floating dtype, got int64"):
+        with pytest.raises(TypeError, match="dtype must be a real floating dtype of numpy, got int64"):
             MHA(8, 2, dtype=np.int64)
 
     def test_not_a_namespace(self):

@@ -29,33 +29,37 @@ def writes_in_place(xp: ModuleType) -> bool:
     return is_numpy_namespace(xp) or is_cupy_namespace(xp)
 
 
+def _fits(b: Array, s: Array) -> bool:
+    """Whether ``b`` broadcasts into ``s``'s shape (so ``s`` can hold the result)."""
+    return b.ndim <= s.ndim and all(
+        bi in (1, si) for bi, si in zip(reversed(b.shape), reversed(s.shape)))
+
+
 def add_into(s: Array, b: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
     """``s + b``, overwriting ``s`` (a temporary of ours) when allowed."""
-    if in_place and b.ndim <= s.ndim and all(
-        bi in (1, si) for bi, si in zip(reversed(b.shape), reversed(s.shape))
-    ):
+    if in_place and _fits(b, s):
         return xp.add(s, b, out=s)
     return s + b
 
 
 def shifted_exp(s: Array, shift: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
     """``exp(s - shift)``, overwriting ``s`` (a temporary of ours) when allowed."""
-    if in_place:
+    if in_place and _fits(shift, s):
         xp.subtract(s, shift, out=s)
         return xp.exp(s, out=s)
     return xp.exp(s - shift)
 
 
 def divide_into(e: Array, d: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
-    """``e / d`` for ``d`` broadcasting into ``e``, overwriting ``e`` when allowed."""
-    if in_place:
+    """``e / d``, overwriting ``e`` when allowed."""
+    if in_place and _fits(d, e):
         return xp.divide(e, d, out=e)
     return e / d
 
 
 def gated_difference(dp: Array, d: Array, p: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
     """``p * (dp - d)`` (the softmax backward), overwriting ``dp`` when allowed."""
-    if in_place:
+    if in_place and _fits(d, dp) and _fits(p, dp):
         xp.subtract(dp, d, out=dp)
         return xp.multiply(dp, p, out=dp)
     return p * (dp - d)

@@ -19,7 +19,7 @@ def masked_softmax(
     /,
     *,
     xp: ModuleType,
-    return_lse: bool = False,
+    return_stats: bool = False,
     in_place: bool | None = None,
 ) -> Array | tuple[Array, Array]:
     """Softmax over the last axis, restricted to the ``allowed`` entries.
@@ -37,10 +37,10 @@ def masked_softmax(
         Broadcastable to ``scores``; True where a score takes part.
     xp : module
         The array namespace.
-    return_lse : bool, default False
-        Also return the log-sum-exp of each row, ``(...,)``: ``+inf`` for a
-        row with nothing allowed (so that ``exp(s - lse)`` is 0 there, as in
-        FlashAttention).
+    return_stats : bool, default False
+        Also return the statistics ``(m, l)`` of each row, ``(...,)`` each:
+        the shift (row maximum, 0 for a row with nothing allowed) and the sum
+        of ``exp(s - m)`` (0 for such a row).
     in_place : bool, optional
         Overwrite ``scores`` (which must then be a temporary of the caller's)
         where the backend allows; default: where the backend allows.
@@ -49,8 +49,8 @@ def masked_softmax(
     -------
     array
         Probabilities with the shape and dtype of ``scores``.
-    lse : array
-        Only with ``return_lse=True``.
+    stats : (array, array)
+        Only with ``return_stats=True``.
     """
     dev = device(scores)
     neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=dev)
@@ -68,7 +68,6 @@ def masked_softmax(
     empty = total == zero
     safe = xp.where(empty, xp.ones_like(total), total)
     probs = divide_into(e, safe, xp=xp, in_place=in_place)
-    if not return_lse:
+    if not return_stats:
         return probs
-    inf = xp.asarray(math.inf, dtype=scores.dtype, device=dev)
-    return probs, xp.where(empty, inf, row_max + xp.log(safe))[..., 0]
+    return probs, (row_max[..., 0], total[..., 0])

@@ -40,6 +40,8 @@ def _a(name: str) -> str:
 
 def dtype_name(dtype: Any) -> str:
     """Return a short dtype name (``float32`` rather than ``torch.float32``)."""
+    if isinstance(dtype, type):  # a scalar type such as np.float32
+        return dtype.__name__
     return str(dtype).rsplit(".", 1)[-1]
 
 
