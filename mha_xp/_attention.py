@@ -48,6 +48,8 @@ __all__ = [
 # the caches of a typical CPU while keeping the Python loop short.
 _K_BLOCK = 512
 _BLOCK_ELEMENTS = 2**21
+# Calls whose dense scores take less than this never consult the memory guard.
+_GUARD_FROM_BYTES = 2**24
 
 
 def plan_blocks(
@@ -107,9 +109,13 @@ def attend(
     lead = broadcast_lead(query, key, value)
     itemsize = xp.finfo(work).bits // 8
     budget = resolve_budget(memory_budget)
-    available = _config.host_memory_available(xp, device_of(query))
+    score_bytes = math.prod(lead) * L * S * itemsize
+    # Reading the available memory costs a file read: only for calls large
+    # enough for it to matter.
+    available = None
+    if score_bytes > _GUARD_FROM_BYTES and (return_weights or budget >= score_bytes):
+        available = _config.host_memory_available(xp, device_of(query))
     if available is not None:
-        score_bytes = math.prod(lead) * L * S * itemsize
         if return_weights and score_bytes > available:
             raise MemoryError(
                 f"return_weights=True needs the {lead + (L, S)} attention weights, "

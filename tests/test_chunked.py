@@ -263,6 +263,9 @@ class TestMemoryGuard:
     def test_weights_that_cannot_fit_raise_up_front(self, rng, monkeypatch):
         from mha_xp import _config
 
+        from mha_xp import _attention
+
+        monkeypatch.setattr(_attention, "_GUARD_FROM_BYTES", 0)  # guard small calls too
         monkeypatch.setattr(_config, "host_memory_available", lambda xp, device: 10_000)
         q = rng.standard_normal((2, 40, 8))  # weights: 2 * 40 * 40 * 8 bytes = 25.6 kB
         with pytest.raises(MemoryError, match=r"return_weights=True needs the \(2, 40, 40\) "
@@ -274,6 +277,7 @@ class TestMemoryGuard:
     def test_a_generous_budget_cannot_overrun_memory(self, rng, monkeypatch):
         from mha_xp import _attention, _config
 
+        monkeypatch.setattr(_attention, "_GUARD_FROM_BYTES", 0)
         monkeypatch.setattr(_config, "host_memory_available", lambda xp, device: 40_000)
         seen = []
         real = _attention.plan_blocks
@@ -283,6 +287,16 @@ class TestMemoryGuard:
         assert seen[-1] is not None  # took the chunked path
         monkeypatch.undo()
         np.testing.assert_allclose(out, sdpa(q, q, q), rtol=1e-12)
+
+    def test_small_calls_skip_the_guard(self, rng, monkeypatch):
+        from mha_xp import _config
+
+        def fail(xp, device):
+            raise AssertionError("read /proc/meminfo for a tiny call")
+
+        monkeypatch.setattr(_config, "host_memory_available", fail)
+        q = rng.standard_normal((2, 40, 8))
+        sdpa(q, q, q, return_weights=True)
 
     def test_available_memory_is_read(self):
         import array_api_compat.numpy as xp
