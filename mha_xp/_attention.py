@@ -19,6 +19,7 @@ from ._checks import (
     check_scale,
     check_sdpa_shapes,
 )
+from . import _config
 from ._backward import attention_backward
 from ._chunked import (
     broadcast_lead,
@@ -27,7 +28,6 @@ from ._chunked import (
     lse_from_stats,
     merge_partials,
 )
-from . import _config
 from ._config import resolve_budget
 from ._lib._math import masked_softmax
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
@@ -38,18 +38,28 @@ __all__ = [
     "attention_vjp",
     "attend_backward",
     "attention_with_lse",
+    "default_blocks",
     "merge_attention",
     "plan_blocks",
     "scaled_dot_product_attention",
 ]
 
 # Default key block of the chunked path, and the size (elements) of one score
-# block across all batch and head indices: 2**21 float32 = 8 MiB stays within
-# the caches of a typical CPU while keeping the Python loop short.
+# block across all batch and head indices: 2**21 float32 = 8 MiB, which
+# measured fastest here among 256..4096-wide blocks (within ~10 %), while
+# keeping the Python loop short.
 _K_BLOCK = 512
 _BLOCK_ELEMENTS = 2**21
 # Calls whose dense scores take less than this never consult the memory guard.
 _GUARD_FROM_BYTES = 2**24
+
+
+def default_blocks(lead: tuple[int, ...], L: int, S: int) -> tuple[int, int]:
+    """The chunked path's blocks: keys in blocks of 512, queries in blocks
+    sized so that one score block holds about 2**21 elements in all."""
+    k_block = max(1, min(S, _K_BLOCK))
+    q_block = max(1, min(L, _BLOCK_ELEMENTS // max(1, math.prod(lead) * k_block)))
+    return q_block, k_block
 
 
 def plan_blocks(
@@ -63,12 +73,9 @@ def plan_blocks(
     if chunk_size is not None:
         q_block, k_block = chunk_size
         return min(q_block, max(L, 1)), min(k_block, max(S, 1))
-    n_lead = math.prod(lead)
-    if n_lead * L * S * itemsize <= budget:
+    if math.prod(lead) * L * S * itemsize <= budget:
         return None
-    k_block = min(S, _K_BLOCK)
-    q_block = max(1, min(L, _BLOCK_ELEMENTS // max(1, n_lead * k_block)))
-    return q_block, k_block
+    return default_blocks(lead, L, S)
 
 
 def attend(
@@ -461,9 +468,10 @@ def attend_backward(
         bias = None if bias is None else xp.astype(bias, work)
     L, S = query.shape[-2], key.shape[-2]
     lead = broadcast_lead(query, key, value)
-    # Always blocked (a budget of 0): the backward keeps four score-sized
-    # temporaries alive, and cache-sized blocks are faster than one big one.
-    q_block, k_block = plan_blocks(lead, L, S, xp.finfo(work).bits // 8, chunk_size, 0)
+    # Always blocked: the backward keeps four score-sized temporaries alive,
+    # and cache-sized blocks are faster than one big one.
+    q_block, k_block = (plan_blocks(lead, L, S, 0, chunk_size, 0) if chunk_size is not None
+                        else default_blocks(lead, L, S))
     bias_shape = None if bias is None else tuple(bias.shape)
     mask, bias = _at_least_2d(mask, xp), _at_least_2d(bias, xp)
     grads = attention_backward(

@@ -31,6 +31,11 @@ class TestBroadcastShapes:
         q = rng.standard_normal((0, 3, 4))
         out = sdpa(q, q, q, chunk_size=chunk)
         assert out.shape == (0, 3, 4)
+        out, backward = mha_xp.attention_vjp(q, q, q, chunk_size=chunk)
+        assert {n: g.shape for n, g in backward(out).items()} == {n: (0, 3, 4) for n in ("query", "key", "value")}
+        y, layer_backward = MHA(4, 2, seed=0).vjp(q, chunk_size=chunk)
+        grads = layer_backward(y)
+        assert grads["query"].shape == (0, 3, 4) and not np.any(grads["in_proj_weight"])
 
 
 class TestLowRankMasksAndBiases:
