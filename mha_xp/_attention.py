@@ -7,7 +7,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device as device_of
+from array_api_compat import device as device_of, is_dask_namespace
 
 from ._checks import (
     check_bias,
@@ -29,6 +29,7 @@ from ._chunked import (
     merge_partials,
 )
 from ._config import resolve_budget
+from ._lib._dask import attend_blocks
 from ._lib._math import masked_softmax
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
 from ._masks import causal_mask, combine
@@ -105,7 +106,16 @@ def attend(
     16-bit inputs are computed in float32 (the score matmul, the softmax sums
     and the weighted sum of values accumulate in float32); ``out`` and
     ``weights`` are cast back, ``stats`` stay float32.
+
+    On Dask arrays this builds one lazy task per block of queries, each
+    running this function on its block (:mod:`mha_xp._lib._dask`).
     """
+    if is_dask_namespace(xp):
+        return attend_blocks(
+            attend, query, key, value, mask=mask, key_keep=key_keep, bias=bias,
+            is_causal=is_causal, scale=scale, return_weights=return_weights,
+            return_stats=return_stats, chunk_size=chunk_size,
+            memory_budget=memory_budget, xp=xp)
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     if work != dtype:
