@@ -11,7 +11,7 @@ The exit status is 0 when every error is within tolerance (float32 ``1e-5``,
 float64 ``1e-12``, relative) and 1 otherwise, or when a backend fails.
 
 Importing this module has no side effects: optional libraries (torch, CuPy,
-array-api-strict) are imported only when :func:`main` runs.
+JAX, Dask, array-api-strict) are imported only when :func:`main` runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class Backend:
         Brings one of the library's arrays back to a NumPy array.
     sync : callable
         Waits for queued device work to finish (a no-op on the CPU).
+    finish : callable
+        Turns a result into computed data: ``compute()`` for Dask's lazy
+        arrays, the identity elsewhere (timed with the call).
     """
 
     name: str
@@ -67,6 +71,7 @@ class Backend:
     status: str = "ok"
     to_numpy: Callable[[Any], np.ndarray] = np.asarray
     sync: Callable[[], None] = field(default=lambda: None)
+    finish: Callable[[Any], Any] = field(default=lambda result: result)
 
 
 def _import(name: str) -> tuple[ModuleType | None, str]:
@@ -86,8 +91,8 @@ def find_backends() -> list[Backend]:
     -------
     list of Backend
         NumPy first (always available), then array-api-strict, torch on the
-        CPU, torch on CUDA and CuPy; unavailable ones carry the reason in
-        ``status``.
+        CPU, torch on CUDA, JAX, Dask and CuPy; unavailable ones carry the
+        reason in ``status``.
     """
     backends = [Backend("numpy", np, "cpu", np.__version__)]
 
@@ -110,6 +115,27 @@ def find_backends() -> list[Backend]:
         Backend("torch (CUDA)", torch if status == "ok" else None, "cuda", version, status,
                 to_numpy=torch_to_numpy,
                 sync=(torch.cuda.synchronize if status == "ok" else lambda: None))
+    )
+
+    jnp, status = _import("jax.numpy")
+    if jnp is not None:
+        import jax
+
+        # The demo compares float64 runs too; JAX computes in float32 unless
+        # told otherwise (a process-wide switch, set here by the demo program,
+        # never by the library).
+        jax.config.update("jax_enable_x64", True)
+    backends.append(
+        Backend("jax", jnp, None, getattr(sys.modules.get("jax"), "__version__", "-"), status,
+                to_numpy=np.asarray,
+                finish=lambda result: result.block_until_ready())
+    )
+
+    dask_array, status = _import("dask.array")
+    backends.append(
+        Backend("dask", dask_array, None, getattr(sys.modules.get("dask"), "__version__", "-"),
+                status, to_numpy=lambda a: np.asarray(a.compute()),
+                finish=lambda result: result.compute())
     )
 
     cupy, status = _import("cupy")
@@ -252,7 +278,7 @@ def main() -> int:
                 same = (array_namespace(result) is layer.xp and device(result) == device(x)
                         and result.dtype == x.dtype and tuple(result.shape) == x64.shape)
                 out = b.to_numpy(result)
-                seconds = median_time(lambda: layer(x), b.sync)
+                seconds = median_time(lambda: b.finish(layer(x)), b.sync)
             except Exception as exc:
                 failures += 1
                 print(f"  {b.name:<18} {dtype_name:<8} FAILED: {type(exc).__name__}: {exc}")

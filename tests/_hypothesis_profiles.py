@@ -12,6 +12,12 @@ generated cases per backend in CI. The profile, chosen with the
     database (``.hypothesis/``) so that a failure found once is replayed
     first next time.
 
+Backends that compile or build a graph per new shape (JAX compiles every
+operation for every shape it meets; Dask builds and schedules a graph per
+call) run a tenth of each budget (``SLOW_BACKENDS``): every property still
+runs there on several generated cases, and the full budget runs on the eager
+backends, which share all of mha_xp's code with them.
+
 ``MHA_XP_HYPOTHESIS_SCALE=100`` overrides the multiplier of either profile,
 e.g. ``HYPOTHESIS_PROFILE=thorough MHA_XP_HYPOTHESIS_SCALE=200 python -m pytest
 tests/test_properties.py``.
@@ -20,6 +26,7 @@ tests/test_properties.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
@@ -60,6 +67,30 @@ settings.load_profile(PROFILE)
 SCALE = int(os.environ.get("MHA_XP_HYPOTHESIS_SCALE", _SCALE[PROFILE]))
 
 
-def budget(n: int) -> settings:
-    """Settings for a property with ``n`` cases per backend in CI."""
-    return settings(max_examples=max(1, n * SCALE))
+# Backend name -> divisor of the budget (see the module docstring).
+SLOW_BACKENDS = {"jax": 10, "dask": 10}
+
+
+def budget(n: int):
+    """Settings for a property with ``n`` cases per backend in CI.
+
+    Decorates a ``@given`` test; a test taking the ``backend`` fixture runs
+    ``n // SLOW_BACKENDS[name]`` cases (at least 2) on those backends.
+    """
+
+    def decorate(test):
+        full = settings(max_examples=max(1, n * SCALE))
+        test = full(test)
+        reduced = {name: settings(full, max_examples=max(2, n * SCALE // d))
+                   for name, d in SLOW_BACKENDS.items()}
+
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            backend = kwargs.get("backend")
+            # Hypothesis reads the settings from the test at call time.
+            test._hypothesis_internal_use_settings = reduced.get(getattr(backend, "name", None), full)
+            return test(*args, **kwargs)
+
+        return run
+
+    return decorate

@@ -35,7 +35,7 @@ class TestDemo:
 
     def test_lists_backends(self, demo: subprocess.CompletedProcess[str]) -> None:
         backends = demo.stdout.split("Backends", 1)[1].split("Shapes", 1)[0]
-        for name in ("numpy", "array_api_strict", "torch (CPU)", "torch (CUDA)", "cupy"):
+        for name in ("numpy", "array_api_strict", "torch (CPU)", "torch (CUDA)", "jax", "dask", "cupy"):
             assert name in backends
 
     def test_reports_errors_within_tolerance(self, demo: subprocess.CompletedProcess[str]) -> None:
