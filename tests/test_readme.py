@@ -31,4 +31,7 @@ def test_readme_has_examples():
 def test_example_runs(code):
     if "import cupy" in code and not _has_gpu():
         pytest.skip("optional backend cupy unavailable: needs CuPy and a CUDA device")
+    for module in ("dask", "jax"):
+        if f"import {module}" in code and importlib.util.find_spec(module) is None:
+            pytest.skip(f"optional backend {module} unavailable: pip install {module}")
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
