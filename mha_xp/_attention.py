@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from array_api_compat import device as device_of, is_dask_namespace
@@ -13,6 +13,7 @@ from ._checks import (
     check_bias,
     check_chunk_size,
     check_flag,
+    check_gqa,
     check_grad,
     check_mask,
     check_same_dtype,
@@ -109,7 +110,22 @@ def attend(
 
     On Dask arrays this builds one lazy task per block of queries, each
     running this function on its block (:mod:`mha_xp._lib._dask`).
+
+    Grouped-query attention (``Hq = Hkv * G`` query heads on axis -3 against
+    ``Hkv`` key/value heads) runs as ordinary attention on queries reshaped to
+    ``(..., Hkv, G, L, D)`` against keys and values with a size-1 group axis,
+    which broadcasts: no copy of the keys and values per query head.
     """
+    groups = gqa_groups(query, key, value)
+    if groups is not None:
+        out, weights, stats = attend(
+            _split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
+            xp.expand_dims(value, axis=-3), mask=_group(mask, groups, xp),
+            key_keep=_group(key_keep, groups, xp), bias=_group(bias, groups, xp),
+            is_causal=is_causal, scale=scale, return_weights=return_weights,
+            return_stats=return_stats, chunk_size=chunk_size, memory_budget=memory_budget, xp=xp)
+        return (_ungroup(out, 2, xp), _ungroup(weights, 2, xp),
+                None if stats is None else tuple(_ungroup(t, 1, xp) for t in stats))
     if is_dask_namespace(xp):
         return attend_blocks(
             attend, query, key, value, mask=mask, key_keep=key_keep, bias=bias,
@@ -173,6 +189,45 @@ def attend(
     return out, weights, stats if return_stats else None
 
 
+def gqa_groups(query: Array, key: Array, value: Array) -> tuple[int, int] | None:
+    """``(Hkv, G)`` when the query heads (axis -3) are ``G > 1`` groups of the
+    ``Hkv > 1`` key/value heads (grouped-query attention), else None (equal
+    heads, or a head axis of 1 that broadcasts: multi-query attention)."""
+    if min(query.ndim, key.ndim, value.ndim) < 3:
+        return None
+    hq = query.shape[-3]
+    hkv = key.shape[-3] if key.shape[-3] != 1 else value.shape[-3]
+    if hq == hkv or 1 in (hq, hkv):
+        return None
+    return hkv, hq // hkv
+
+
+def _group(x: Array | None, groups: tuple[int, int], xp: ModuleType) -> Array | None:
+    """An array broadcastable to the ``(..., Hq, L, S)`` scores, reshaped to
+    broadcast to ``(..., Hkv, G, L, S)`` (a reshape, never a copy per head)."""
+    if x is None or x.ndim < 3:
+        return x
+    heads = groups if x.shape[-3] != 1 else (1, 1)
+    return xp.reshape(x, tuple(x.shape[:-3]) + heads + tuple(x.shape[-2:]))
+
+
+def _ungroup(x: Array | None, core: int, xp: ModuleType) -> Array | None:
+    """Merge the ``(Hkv, G)`` axes in front of the last ``core`` axes back
+    into one head axis."""
+    if x is None:
+        return None
+    shape = tuple(x.shape)
+    n = len(shape) - core
+    return xp.reshape(x, shape[: n - 2] + (shape[n - 2] * shape[n - 1],) + shape[n:])
+
+
+def _split_heads(x: Array, groups: tuple[int, int], core: int, xp: ModuleType) -> Array:
+    """Split the head axis in front of the last ``core`` axes into ``(Hkv, G)``."""
+    shape = tuple(x.shape)
+    n = len(shape) - core
+    return xp.reshape(x, shape[: n - 1] + groups + shape[n:])
+
+
 def _at_least_2d(x: Array | None, xp: ModuleType) -> Array | None:
     """A mask or bias with its (L, S) axes present (a 0-d or 1-d one
     broadcasts against them), so that blocks can be sliced from it."""
@@ -191,12 +246,20 @@ def _expand(x: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:
 
 def _validate(
     query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
-    scale: Any, chunk_size: Any,
+    scale: Any, chunk_size: Any, enable_gqa: Any = None,
 ) -> tuple[ModuleType, float, tuple[int, int] | None]:
     """Shared validation of the public attention functions."""
     xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
     dtype = check_same_dtype(xp, query=query, key=key, value=value)
-    scores_shape = check_sdpa_shapes(query, key, value)
+    groups = check_gqa(query, key, value, enable_gqa)
+    if groups is None:
+        scores_shape = check_sdpa_shapes(query, key, value)
+    else:  # the shapes attend works on: (..., Hkv, G, L, D) against (..., Hkv, 1, S, D)
+        q, k, v = (SimpleNamespace(shape=t.shape[:-3] + h + t.shape[-2:])
+                   for t, h in ((query, groups), (key, (key.shape[-3], 1)),
+                                (value, (value.shape[-3], 1))))
+        scores_shape = check_sdpa_shapes(q, k, v)
+        scores_shape = scores_shape[:-4] + (math.prod(scores_shape[-4:-2]),) + scores_shape[-2:]
     labels = "(..., H, L, S)"
     if mask is not None:
         check_mask(mask, scores_shape, xp, labels)
@@ -217,6 +280,7 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
+    enable_gqa: bool | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Scaled dot-product attention on any array API library.
 
@@ -229,9 +293,10 @@ def scaled_dot_product_attention(
     ----------
     query : array, shape (..., H, L, D)
         Queries, real floating (float16, float32 or float64).
-    key : array, shape (..., H, S, D)
-        Keys, same library, device and dtype as ``query``.
-    value : array, shape (..., H, S, Dv)
+    key : array, shape (..., Hkv, S, D)
+        Keys, same library, device and dtype as ``query``. ``Hkv`` may divide
+        the query heads ``H`` (grouped-query attention, see ``enable_gqa``).
+    value : array, shape (..., Hkv, S, Dv)
         Values, same library, device and dtype as ``query``.
     mask : array of bool, optional
         Broadcastable to ``(..., H, L, S)``. **True means "may attend"**, as in
@@ -255,6 +320,15 @@ def scaled_dot_product_attention(
         Bytes the dense ``(..., H, L, S)`` score tensor may take before the
         chunked path is used instead; default :func:`get_memory_budget`
         (128 MiB unless configured).
+    enable_gqa : bool, optional
+        Grouped-query (and multi-query) attention, as torch's SDPA and
+        FlashAttention: with ``H = G * Hkv`` query heads and ``Hkv`` key/value
+        heads, query head ``h`` attends with key/value head ``h // G``. None
+        (the default) infers it from the shapes; False makes such shapes an
+        error, as in torch; True allows them. The keys and values are never
+        copied per query head (the queries are reshaped to
+        ``(..., Hkv, G, L, D)``); ``mask`` and ``bias`` refer to the query
+        heads, ``(..., H, L, S)``.
 
     Returns
     -------
@@ -269,9 +343,11 @@ def scaled_dot_product_attention(
     ------
     TypeError
         Non-array inputs, mixed array libraries, non-floating or mixed dtypes,
-        a non-boolean ``mask``, a non-float ``bias``, a non-numeric ``scale``.
+        a non-boolean ``mask``, a non-float ``bias``, a non-numeric ``scale``,
+        a non-bool ``enable_gqa``.
     ValueError
-        Arrays on different devices, wrong ranks, mismatched shapes, a mask or
+        Arrays on different devices, wrong ranks, mismatched shapes (query
+        heads that are not a multiple of the key/value heads), a mask or
         bias that does not broadcast, a ``scale`` that is not positive and
         finite, a bad ``chunk_size`` or ``memory_budget``.
 
@@ -309,7 +385,8 @@ def scaled_dot_product_attention(
     >>> bool(np.allclose(chunked, out))
     True
     """
-    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size,
+                                      enable_gqa)
     is_causal = check_flag("is_causal", is_causal)
     return_weights = check_flag("return_weights", return_weights)
     out, weights, _ = attend(
@@ -331,6 +408,7 @@ def attention_with_lse(
     scale: float | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
+    enable_gqa: bool | None = None,
 ) -> tuple[Array, Array]:
     """Attention output and the per-row log-sum-exp of the scores.
 
@@ -340,7 +418,7 @@ def attention_with_lse(
 
     Parameters
     ----------
-    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget, enable_gqa
         As in :func:`scaled_dot_product_attention`.
 
     Returns
@@ -369,7 +447,8 @@ def attention_with_lse(
     >>> bool(np.allclose(lse, np.log(np.exp(s).sum(axis=-1))))
     True
     """
-    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size,
+                                      enable_gqa)
     is_causal = check_flag("is_causal", is_causal)
     out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
@@ -468,8 +547,22 @@ def attend_backward(
 
     The blocks are those of the chunked path (``chunk_size`` when given),
     whatever path the forward took. 16-bit inputs are computed in float32 and the
-    gradients cast back to the inputs' dtype.
+    gradients cast back to the inputs' dtype. Grouped-query attention is
+    reshaped as in :func:`attend`; the key and value gradients sum over the
+    query heads of their group.
     """
+    groups = gqa_groups(query, key, value)
+    if groups is not None:
+        dq, dk, dv, dbias = attend_backward(
+            _split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
+            xp.expand_dims(value, axis=-3), _split_heads(out, groups, 2, xp),
+            tuple(_split_heads(t, groups, 1, xp) for t in stats),
+            _split_heads(grad_out, groups, 2, xp), mask=_group(mask, groups, xp),
+            key_keep=_group(key_keep, groups, xp), bias=_group(bias, groups, xp),
+            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp)
+        return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
+                xp.reshape(dv, tuple(value.shape)),
+                None if dbias is None else xp.reshape(dbias, tuple(bias.shape)))
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     if work != dtype:
@@ -505,6 +598,7 @@ def attention_vjp(
     scale: float | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
+    enable_gqa: bool | None = None,
 ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
     """Attention and a function computing its gradients (vector-Jacobian product).
 
@@ -516,7 +610,7 @@ def attention_vjp(
 
     Parameters
     ----------
-    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget, enable_gqa
         As in :func:`scaled_dot_product_attention`.
 
     Returns
@@ -558,7 +652,8 @@ def attention_vjp(
     >>> bool(np.isclose((up - down) / (2 * eps), grads["query"][0, 1, 2]))
     True
     """
-    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size)
+    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size,
+                                      enable_gqa)
     is_causal = check_flag("is_causal", is_causal)
     out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,

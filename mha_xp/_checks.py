@@ -20,6 +20,7 @@ __all__ = [
     "check_chunk_size",
     "check_dtype",
     "check_flag",
+    "check_gqa",
     "check_grad",
     "check_mask",
     "check_positive_int",
@@ -233,3 +234,38 @@ def check_dtype(dtype: Any, xp: ModuleType, lib: str) -> Any:
             f"dtype must be a real floating dtype of {lib}, got {dtype_name(dtype)!s}{hint}"
         )
     return dtype
+
+
+def check_gqa(query: Array, key: Array, value: Array, enable_gqa: Any) -> tuple[int, int] | None:
+    """Grouped-query attention from the head axes (-3) of the inputs.
+
+    Returns ``(Hkv, G)`` when ``query`` has ``Hq = Hkv * G`` heads and
+    ``key``/``value`` have ``Hkv`` (neither 1, where broadcasting already
+    covers multi-query attention), None otherwise. ``enable_gqa`` is torch's
+    flag: None infers from the shapes, False refuses grouped shapes.
+    """
+    if enable_gqa is not None:
+        enable_gqa = check_flag("enable_gqa", enable_gqa)
+    if query.ndim < 3 or key.ndim < 3 or value.ndim < 3:
+        return None
+    hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if hk != hv and 1 not in (hk, hv):
+        raise ValueError(
+            f"key and value must have the same number of heads (axis -3), got key "
+            f"{tuple(key.shape)} and value {tuple(value.shape)}"
+        )
+    hkv = hk if hk != 1 else hv
+    if hq == hkv or hkv == 1 or hq == 1:
+        return None
+    if enable_gqa is False:
+        raise ValueError(
+            f"query has {hq} heads (axis -3) but key and value have {hkv}: grouped-query "
+            "attention needs enable_gqa=True (or None, to infer it from the shapes)"
+        )
+    if hq % hkv:
+        raise ValueError(
+            f"query has {hq} heads (axis -3) but key and value have {hkv}: grouped-query "
+            f"attention needs the query heads to be a multiple of the key/value heads "
+            f"({hq} % {hkv} = {hq % hkv})"
+        )
+    return hkv, hq // hkv
