@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
 
@@ -12,6 +12,9 @@ import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
 from ._attention import attend, attend_backward
+from ._backward import unbroadcast
+from ._cache import KVCache
+from ._masks import combine
 from ._checks import (
     check_bias,
     check_chunk_size,
@@ -44,12 +47,15 @@ _BIASES = ("in_proj_bias", "out_proj.bias")
 
 
 def _init_params(
-    embed_dim: int, kdim: int, vdim: int, bias: bool, seed: Any
+    embed_dim: int, kdim: int, vdim: int, bias: bool, seed: Any, *,
+    kv_dim: int, add_bias_kv: bool, head_dim: int, normalize_qk: bool,
 ) -> dict[str, np.ndarray]:
     """torch's initialisation, drawn in float64 on the host so that one seed
     gives the same weights on every backend: Xavier-uniform in-projections,
     ``U(-1/sqrt(E), 1/sqrt(E))`` output projection (torch's Linear default),
-    zero biases."""
+    zero biases, Xavier-normal ``bias_k``/``bias_v``; QK-norm scales are ones
+    (Flax's ``LayerNorm`` default). ``kv_dim`` is the width of the key and
+    value projections (``num_kv_heads * head_dim``)."""
     rng = np.random.default_rng(seed)
 
     def xavier(fan_out: int, fan_in: int) -> np.ndarray:
@@ -58,17 +64,26 @@ def _init_params(
 
     E = embed_dim
     params: dict[str, np.ndarray] = {}
-    if kdim == E and vdim == E:
+    if kdim == E and vdim == E and kv_dim == E:
         params["in_proj_weight"] = xavier(3 * E, E)
     else:
         params["q_proj_weight"] = xavier(E, E)
-        params["k_proj_weight"] = xavier(E, kdim)
-        params["v_proj_weight"] = xavier(E, vdim)
+        params["k_proj_weight"] = xavier(kv_dim, kdim)
+        params["v_proj_weight"] = xavier(kv_dim, vdim)
+    if bias:
+        params["in_proj_bias"] = np.zeros(E + 2 * kv_dim)
+    if add_bias_kv:
+        # torch: xavier_normal_ on a (1, 1, kv_dim) tensor, fan_in = fan_out = kv_dim
+        std = math.sqrt(1.0 / kv_dim)
+        params["bias_k"] = rng.normal(0.0, std, size=(1, 1, kv_dim))
+        params["bias_v"] = rng.normal(0.0, std, size=(1, 1, kv_dim))
     bound = 1.0 / math.sqrt(E)
     params["out_proj.weight"] = rng.uniform(-bound, bound, size=(E, E))
     if bias:
-        params["in_proj_bias"] = np.zeros(3 * E)
         params["out_proj.bias"] = np.zeros(E)
+    if normalize_qk:
+        params["q_norm.weight"] = np.ones(head_dim)
+        params["k_norm.weight"] = np.ones(head_dim)
     return params
 
 
@@ -85,6 +100,143 @@ def _split_heads(x: Array, num_heads: int, xp: ModuleType) -> Array:
     """``(B, L, H*D)`` to ``(B, H, L, D)``."""
     B, L, E = x.shape
     return xp.permute_dims(xp.reshape(x, (B, L, num_heads, E // num_heads)), (0, 2, 1, 3))
+
+
+# Whether attend takes window= and alibi_slopes= itself (bottom-right aligned).
+_CORE_POSITIONS = False
+# Flax's LayerNorm epsilon, for normalize_qk.
+_NORM_EPS = 1e-6
+
+
+def _core_options(core: dict[str, Any], softcap: float | None) -> dict[str, Any]:
+    """The keywords of :func:`attend` for the window, ALiBi slopes and
+    soft-capping the core applies itself."""
+    kw: dict[str, Any] = {}
+    if softcap is not None:
+        kw["softcap"] = softcap
+    return kw
+
+
+def qk_layer_norm(x: Array, weight: Array, *, eps: float) -> Array:
+    from ._norm import qk_layer_norm as f
+
+    return f(x, weight, eps=eps)
+
+
+def qk_layer_norm_backward(x: Array, weight: Array, grad: Array, *, eps: float) -> tuple[Array, Array]:
+    from ._norm import qk_layer_norm_backward as f
+
+    return f(x, weight, grad, eps=eps)
+
+
+def _pad_last(x: Array, S: int, n: int, fill: Any, xp: ModuleType) -> Array:
+    """A mask or bias over ``S`` keys (its last axis ``S`` or 1) extended by
+    ``n`` keys that take ``fill`` (torch pads ``attn_mask`` and
+    ``key_padding_mask`` the same way for ``add_bias_kv``/``add_zero_attn``)."""
+    if x.ndim < 2:
+        x = xp.reshape(x, (1,) * (2 - x.ndim) + tuple(x.shape))
+    lead = tuple(x.shape[:-1])
+    x = xp.broadcast_to(x, lead + (S,))
+    pad = xp.full(lead + (n,), fill, dtype=x.dtype, device=device_of(x))
+    return xp.concat([x, pad], axis=-1)
+
+
+def _make_options(options: Mapping[str, Any]) -> _Options:
+    """Options passed by keyword to a constructor classmethod."""
+    known = {f.name for f in fields(_Options)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unexpected option(s) {sorted(unknown)}; the layer's options are "
+                        f"{sorted(known)}")
+    return _Options(**options)
+
+
+def _alibi_standard(num_heads: int) -> tuple[float, ...]:
+    """The ALiBi slopes of Press et al. for ``num_heads`` heads: the geometric
+    sequence ``2**(-8 h / n)`` for the nearest power of two ``n``, and for the
+    remaining heads every other slope of the sequence for ``2 n``."""
+    def powers(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    n = 2 ** int(math.floor(math.log2(num_heads)))
+    return tuple(powers(n) + powers(2 * n)[0::2][: num_heads - n])
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The layer's settings that are not parameters (checked by :meth:`check`)."""
+
+    add_zero_attn: bool = False
+    rotary: bool = False
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    rotary_dim: int | None = None
+    window: tuple[int | None, int | None] | None = None
+    alibi: Any = False
+    softcap: float | None = None
+
+    def checked(self, num_heads: int, head_dim: int) -> _Options:
+        """These options validated against the layer's sizes, normalised
+        (``alibi`` as a tuple of slopes or None, ``window`` with None for an
+        unbounded side)."""
+        d = dict(self.__dict__)
+
+        def set_(name: str, value: Any) -> None:
+            d[name] = value
+
+        set_("add_zero_attn", check_flag("add_zero_attn", self.add_zero_attn))
+        set_("rotary", check_flag("rotary", self.rotary))
+        set_("rotary_interleaved", check_flag("rotary_interleaved", self.rotary_interleaved))
+        base = self.rotary_base
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not (
+                math.isfinite(base) and base > 0):
+            raise ValueError(f"rotary_base must be a positive finite float, got {base!r}")
+        set_("rotary_base", float(base))
+        if self.rotary_dim is not None:
+            rd = check_positive_int("rotary_dim", self.rotary_dim)
+            if rd % 2 or rd > head_dim:
+                raise ValueError(
+                    f"rotary_dim must be even and at most head_dim = {head_dim}, got {rd}")
+            set_("rotary_dim", rd)
+        if self.rotary and head_dim % 2 and self.rotary_dim is None:
+            raise ValueError(f"rotary=True needs an even head_dim (or an even rotary_dim), "
+                             f"got head_dim = {head_dim}")
+        if self.window is not None:
+            w = self.window
+            if not isinstance(w, (tuple, list)) or len(w) != 2:
+                raise ValueError(f"window must be a pair (left, right), got {w!r}")
+            sides = []
+            for side, n in zip(("left", "right"), w):
+                if n is None or (isinstance(n, int) and not isinstance(n, bool) and n == -1):
+                    sides.append(None)  # unbounded (FlashAttention's -1)
+                elif isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                    sides.append(int(n))
+                else:
+                    raise ValueError(f"window's {side} size must be an int >= 0, or None or -1 "
+                                     f"(unbounded), got {n!r}")
+            set_("window", None if sides == [None, None] else tuple(sides))
+        alibi = self.alibi
+        if alibi is None or alibi is False:
+            set_("alibi", None)
+        elif alibi is True:
+            set_("alibi", _alibi_standard(num_heads))
+        else:
+            try:
+                slopes = tuple(float(a) for a in alibi)
+            except TypeError:
+                raise TypeError(f"alibi must be a bool or a sequence of {num_heads} slopes, "
+                                f"got {type(alibi).__name__}") from None
+            if len(slopes) != num_heads or not all(math.isfinite(a) for a in slopes):
+                raise ValueError(f"alibi must hold num_heads = {num_heads} finite slopes, "
+                                 f"got {len(slopes)}: {slopes}")
+            set_("alibi", slopes)
+        if self.softcap is not None:
+            c = self.softcap
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (
+                    math.isfinite(c) and c > 0):
+                raise ValueError(f"softcap must be a positive finite float or None, got {c!r}")
+            set_("softcap", float(c))
+        return _Options(**d)
 
 
 @dataclass(frozen=True)
@@ -186,9 +338,33 @@ class MultiHeadAttention:
         device: Any = None,
         dtype: Any = None,
         seed: int | np.random.Generator | None = None,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        num_kv_heads: int | None = None,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
+        rotary_interleaved: bool = False,
+        rotary_dim: int | None = None,
+        normalize_qk: bool = False,
+        window: tuple[int | None, int | None] | None = None,
+        alibi: bool | Sequence[float] = False,
+        softcap: float | None = None,
     ) -> None:
         embed_dim = check_positive_int("embed_dim", embed_dim)
         num_heads = check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = embed_dim // num_heads
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        add_bias_kv = check_flag("add_bias_kv", add_bias_kv)
+        normalize_qk = check_flag("normalize_qk", normalize_qk)
+        options = _Options(add_zero_attn=add_zero_attn, rotary=rotary, rotary_base=rotary_base,
+                           rotary_interleaved=rotary_interleaved, rotary_dim=rotary_dim,
+                           window=window, alibi=alibi, softcap=softcap).checked(num_heads, head_dim)
         kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
         bias = check_flag("bias", bias)
@@ -201,23 +377,31 @@ class MultiHeadAttention:
                 raise ValueError(f"device {device!r} is not a device of {lib_name(xp)} ({exc})") from exc
         else:
             dtype = check_dtype(dtype, xp, lib_name(xp))
-        host = _init_params(embed_dim, kdim, vdim, bias, seed)
+        host = _init_params(embed_dim, kdim, vdim, bias, seed, kv_dim=num_kv_heads * head_dim,
+                            add_bias_kv=add_bias_kv, head_dim=head_dim,
+                            normalize_qk=normalize_qk)
         try:
             params = {
                 name: xp.astype(xp.asarray(w, device=device), dtype) for name, w in host.items()
             }
         except Exception as exc:  # an unknown device, in the library's own words
             raise ValueError(f"device {device!r} is not a device of {lib_name(xp)} ({exc})") from exc
-        self._setup(params, num_heads, xp)
+        self._setup(params, num_heads, xp, options)
 
     # -- construction ------------------------------------------------------
 
-    def _setup(self, params: dict[str, Array], num_heads: Any, xp: ModuleType) -> None:
+    def _setup(self, params: dict[str, Array], num_heads: Any, xp: ModuleType,
+               options: _Options | None = None, num_kv_heads: Any = None) -> None:
         """Validate a complete parameter dict (torch names) and adopt it."""
+        options = _Options() if options is None else options
         packed = "in_proj_weight" in params
         names = _PACKED if packed else _SEPARATE
         has_bias = "in_proj_bias" in params or "out_proj.bias" in params
         expected = set(names) if has_bias else set(names) - set(_BIASES)
+        pairs = {("bias_k", "bias_v"): "add_bias_kv", ("q_norm.weight", "k_norm.weight"): "normalize_qk"}
+        for pair in pairs:
+            if all(n in params for n in pair):
+                expected |= set(pair)
         missing, extra = expected - set(params), set(params) - expected
         if missing or extra:
             msg = "state_dict does not describe a torch.nn.MultiheadAttention:"
@@ -225,8 +409,9 @@ class MultiHeadAttention:
                 msg += f" missing {sorted(missing)}"
             if extra:
                 msg += f"{';' if missing else ''} unexpected {sorted(extra)}"
-                if extra & {"bias_k", "bias_v"}:
-                    msg += " (add_bias_kv is not supported yet)"
+                for pair, option in pairs.items():
+                    if extra & set(pair):
+                        msg += f" ({option} needs both {pair[0]} and {pair[1]})"
             raise ValueError(msg)
         num_heads = check_positive_int("num_heads", num_heads)
 
@@ -252,29 +437,54 @@ class MultiHeadAttention:
             raise ValueError(
                 f"embed_dim ({E}) must be divisible by num_heads ({num_heads})"
             )
+        D = E // num_heads
         if packed:
             shapes = {"in_proj_weight": (3 * E, E)}
             kdim = vdim = E
+            kv_dim = E
         else:
-            kdim = params["k_proj_weight"].shape[-1]
+            kw = params["k_proj_weight"]
+            if kw.ndim != 2 or kw.shape[0] % D or num_heads % max(1, kw.shape[0] // D):
+                raise ValueError(
+                    f"k_proj_weight must have shape (num_kv_heads * head_dim, kdim) with "
+                    f"head_dim = {D} and num_kv_heads dividing num_heads = {num_heads}, got "
+                    f"{tuple(kw.shape)}"
+                )
+            kv_dim = kw.shape[0]
+            kdim = kw.shape[-1]
             vdim = params["v_proj_weight"].shape[-1]
-            shapes = {"q_proj_weight": (E, E), "k_proj_weight": (E, kdim), "v_proj_weight": (E, vdim)}
+            shapes = {"q_proj_weight": (E, E), "k_proj_weight": (kv_dim, kdim),
+                      "v_proj_weight": (kv_dim, vdim)}
+        if num_kv_heads is not None and check_positive_int("num_kv_heads", num_kv_heads) * D != kv_dim:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} does not match the key projection, which has "
+                f"{kv_dim} rows = {kv_dim // D} heads of head_dim {D}"
+            )
         if has_bias:
-            shapes |= {"in_proj_bias": (3 * E,), "out_proj.bias": (E,)}
+            shapes |= {"in_proj_bias": (E + 2 * kv_dim,), "out_proj.bias": (E,)}
+        if "bias_k" in params:
+            shapes |= {"bias_k": (1, 1, kv_dim), "bias_v": (1, 1, kv_dim)}
+        if "q_norm.weight" in params:
+            shapes |= {"q_norm.weight": (D,), "k_norm.weight": (D,)}
         for name, shape in shapes.items():
             if tuple(params[name].shape) != shape:
                 raise ValueError(
                     f"{name} must have shape {shape} for embed_dim={E}, got "
                     f"{tuple(params[name].shape)}"
                 )
-        self._params = {name: params[name] for name in names if name in params}
+        options = options.checked(num_heads, D)
+        order = (*names[:-2], "bias_k", "bias_v", *names[-2:], "q_norm.weight", "k_norm.weight")
+        self._params = {name: params[name] for name in order if name in params}
         self._xp, self._device, self._dtype = xp, dev, dtype
-        self.embed_dim, self.num_heads, self.head_dim = E, num_heads, E // num_heads
+        self.embed_dim, self.num_heads, self.head_dim = E, num_heads, D
+        self.num_kv_heads = kv_dim // D
         self.kdim, self.vdim = kdim, vdim
+        self._options = options
 
     @classmethod
     def _from_params(
-        cls, params: dict[str, Array], num_heads: Any, xp: Any, device: Any
+        cls, params: dict[str, Array], num_heads: Any, xp: Any, device: Any,
+        options: _Options | None = None, num_kv_heads: Any = None,
     ) -> MultiHeadAttention:
         arrays = [w for w in params.values() if is_array_api_obj(w)]
         if xp is None:
@@ -290,7 +500,7 @@ class MultiHeadAttention:
             for name, w in params.items()
         }
         self = cls.__new__(cls)
-        self._setup(params, num_heads, xp)
+        self._setup(params, num_heads, xp, options, num_kv_heads)
         return self
 
     @classmethod
@@ -308,6 +518,11 @@ class MultiHeadAttention:
         num_heads: int,
         xp: ModuleType | None = None,
         device: Any = None,
+        bias_k: Array | None = None,
+        bias_v: Array | None = None,
+        q_norm_weight: Array | None = None,
+        k_norm_weight: Array | None = None,
+        **options: Any,
     ) -> MultiHeadAttention:
         """Build a layer from projection weights in torch's ``Linear`` layout.
 
@@ -315,15 +530,16 @@ class MultiHeadAttention:
         ----------
         q_weight : array, shape (E, E)
             Query projection, ``q = query @ q_weight.T + q_bias``.
-        k_weight : array, shape (E, kdim)
-            Key projection.
-        v_weight : array, shape (E, vdim)
+        k_weight : array, shape (E, kdim) or (num_kv_heads * head_dim, kdim)
+            Key projection; fewer rows than ``E`` make a grouped-query layer.
+        v_weight : array, shape (E, vdim) or (num_kv_heads * head_dim, vdim)
             Value projection.
         out_weight : array, shape (E, E)
             Output projection ``W_O``.
-        q_bias, k_bias, v_bias, out_bias : array, shape (E,), optional
-            Biases. If any is given the layer has biases and the missing ones
-            are zero; if none is given it has none.
+        q_bias, k_bias, v_bias, out_bias : array, optional
+            Biases, of the length of their projection's rows. If any is given
+            the layer has biases and the missing ones are zero; if none is
+            given it has none.
         num_heads : int
             Number of heads; must divide ``E``.
         xp : module, optional
@@ -332,6 +548,14 @@ class MultiHeadAttention:
         device : optional
             Device for the layer; default that of ``q_weight`` (or the
             namespace's default when ``xp`` is given).
+        bias_k, bias_v : array, shape (1, 1, num_kv_heads * head_dim), optional
+            torch's ``add_bias_kv`` parameters (both or neither).
+        q_norm_weight, k_norm_weight : array, shape (head_dim,), optional
+            Scales of the QK normalisation (both or neither; ``normalize_qk``).
+        **options
+            The layer's other options, as in the constructor: ``add_zero_attn``,
+            ``rotary``, ``rotary_base``, ``rotary_interleaved``, ``rotary_dim``,
+            ``window``, ``alibi``, ``softcap``.
 
         Returns
         -------
@@ -382,14 +606,27 @@ class MultiHeadAttention:
             if a is not None and a.ndim != 1:
                 raise ValueError(f"{name} must be 1-D (E,), got shape {tuple(a.shape)}")
         E = w["out_weight"].shape[0]
-        for name in ("q_weight", "k_weight", "v_weight"):
-            if w[name].shape[0] != E:
+        kv_dim = w["k_weight"].shape[0]
+        H = num_heads if isinstance(num_heads, int) and not isinstance(num_heads, bool) else 0
+        if kv_dim != E and H > 0 and E % H == 0:
+            D = E // H
+            if kv_dim == 0 or kv_dim % D or H % (kv_dim // D):
                 raise ValueError(
-                    f"{name} must have {E} rows (out_features = embed_dim, from out_weight), "
+                    f"k_weight must have {E} rows (out_features = embed_dim, from out_weight), "
+                    f"or num_kv_heads * head_dim rows for a num_kv_heads dividing num_heads = "
+                    f"{H} (head_dim = {D}), got shape {tuple(w['k_weight'].shape)}"
+                )
+        for name, rows, what in (("q_weight", E, "embed_dim, from out_weight"),
+                                 ("k_weight", kv_dim, "from k_weight"),
+                                 ("v_weight", kv_dim, "num_kv_heads * head_dim, from k_weight")):
+            if w[name].shape[0] != rows:
+                raise ValueError(
+                    f"{name} must have {rows} rows (out_features = {what}), "
                     f"got shape {tuple(w[name].shape)}"
                 )
         params: dict[str, Array] = {}
-        same = w["k_weight"].shape[1] == E and w["v_weight"].shape[1] == E and w["q_weight"].shape[1] == E
+        same = (kv_dim == E and w["k_weight"].shape[1] == E and w["v_weight"].shape[1] == E
+                and w["q_weight"].shape[1] == E)
         if same:
             params["in_proj_weight"] = layer_xp.concat(
                 [w["q_weight"], w["k_weight"], w["v_weight"]], axis=0
@@ -399,14 +636,23 @@ class MultiHeadAttention:
                        "v_proj_weight": w["v_weight"]}
         params["out_proj.weight"] = w["out_weight"]
         if any(a is not None for a in b.values()):
+            sizes = {"q_bias": E, "k_bias": kv_dim, "v_bias": kv_dim, "out_bias": E}
             for name, a in b.items():
-                if a is not None and a.shape != (E,):
-                    raise ValueError(f"{name} must have shape ({E},), got {tuple(a.shape)}")
-            zeros = layer_xp.zeros((E,), dtype=w["out_weight"].dtype, device=device_of(w["out_weight"]))
-            qb, kb, vb, ob = (zeros if a is None else a for a in b.values())
+                if a is not None and a.shape != (sizes[name],):
+                    raise ValueError(f"{name} must have shape ({sizes[name]},), got {tuple(a.shape)}")
+            qb, kb, vb, ob = (
+                layer_xp.zeros((sizes[n],), dtype=w["out_weight"].dtype,
+                               device=device_of(w["out_weight"])) if a is None else a
+                for n, a in b.items())
             params["in_proj_bias"] = layer_xp.concat([qb, kb, vb], axis=0)
             params["out_proj.bias"] = ob
-        return cls._from_params(params, num_heads, layer_xp, dev)
+        for name, a in (("bias_k", bias_k), ("bias_v", bias_v), ("q_norm.weight", q_norm_weight),
+                        ("k_norm.weight", k_norm_weight)):
+            if a is not None:
+                if not is_array_api_obj(a):
+                    raise TypeError(f"{name} must be an array or None, got {type(a).__name__}")
+                params[name] = convert(a, layer_xp, dev)
+        return cls._from_params(params, num_heads, layer_xp, dev, _make_options(options))
 
     @classmethod
     def from_state_dict(
@@ -416,6 +662,8 @@ class MultiHeadAttention:
         num_heads: int,
         xp: ModuleType | None = None,
         device: Any = None,
+        num_kv_heads: int | None = None,
+        **options: Any,
     ) -> MultiHeadAttention:
         """Build a layer from a ``state_dict`` with torch's names.
 
@@ -425,14 +673,24 @@ class MultiHeadAttention:
             ``in_proj_weight``, ``out_proj.weight`` (and ``in_proj_bias``,
             ``out_proj.bias`` with biases), or ``q_proj_weight``,
             ``k_proj_weight``, ``v_proj_weight`` in place of ``in_proj_weight``
-            when ``kdim``/``vdim`` differ from ``embed_dim``. A
+            when ``kdim``/``vdim`` differ from ``embed_dim`` or with fewer
+            key/value heads; ``bias_k`` and ``bias_v`` (``add_bias_kv``);
+            ``q_norm.weight`` and ``k_norm.weight`` (``normalize_qk``). A
             ``torch.nn.MultiheadAttention(...).state_dict()`` loads unchanged.
         num_heads : int
-            Number of heads (a state dict does not record it).
+            Number of query heads (a state dict does not record it).
         xp : module, optional
             Namespace for the layer; default that of the arrays.
         device : optional
             Device for the layer; default that of the arrays.
+        num_kv_heads : int, optional
+            Checked against the key projection's rows when given (the state
+            dict determines it: ``k_proj_weight.shape[0] // head_dim``).
+        **options
+            The options that are not parameters, as in the constructor:
+            ``add_zero_attn``, ``rotary``, ``rotary_base``,
+            ``rotary_interleaved``, ``rotary_dim``, ``window``, ``alibi``,
+            ``softcap``.
 
         Returns
         -------
@@ -460,7 +718,8 @@ class MultiHeadAttention:
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
-        return cls._from_params(dict(state_dict), num_heads, xp, device)
+        return cls._from_params(dict(state_dict), num_heads, xp, device,
+                                _make_options(options), num_kv_heads)
 
     @classmethod
     def from_torch(
@@ -487,8 +746,6 @@ class MultiHeadAttention:
         ------
         TypeError
             If ``module`` is not a ``torch.nn.MultiheadAttention``.
-        ValueError
-            If it uses ``add_bias_kv`` or ``add_zero_attn`` (not supported yet).
 
         Notes
         -----
@@ -496,15 +753,16 @@ class MultiHeadAttention:
         ``batch_first=False`` takes ``(L, B, E)``, the port takes ``(B, L, E)``.
         Its boolean ``mask`` means "may attend", the negation of torch's
         boolean ``attn_mask``; ``key_padding_mask`` means the same in both.
+        ``add_bias_kv`` (the ``bias_k``, ``bias_v`` parameters) and
+        ``add_zero_attn`` carry over.
         """
         if not (hasattr(module, "state_dict") and hasattr(module, "num_heads")
                 and hasattr(module, "in_proj_weight")):
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
-        if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
-            raise ValueError("module uses add_bias_kv or add_zero_attn, which mha_xp does not support yet")
         # clone: the port must not share memory with a module that may train on
         params = {name: t.detach().clone() for name, t in module.state_dict().items()}
-        return cls._from_params(params, module.num_heads, np if xp is None else xp, device)
+        options = _Options(add_zero_attn=bool(getattr(module, "add_zero_attn", False)))
+        return cls._from_params(params, module.num_heads, np if xp is None else xp, device, options)
 
     # -- the weights -------------------------------------------------------
 
@@ -566,7 +824,7 @@ class MultiHeadAttention:
         if dtype is not None:
             check_dtype(dtype, target, lib_name(target))
             params = {n: target.astype(w, dtype) for n, w in params.items()}
-        return type(self)._from_params(params, self.num_heads, target, device)
+        return type(self)._from_params(params, self.num_heads, target, device, self._options)
 
     @property
     def xp(self) -> ModuleType:
@@ -594,10 +852,22 @@ class MultiHeadAttention:
         b, E = self._params.get("in_proj_bias"), self.embed_dim
         if b is None:
             return None, None, None
-        return b[:E], b[E:2 * E], b[2 * E:]
+        F = self.num_kv_heads * self.head_dim
+        return b[:E], b[E:E + F], b[E + F:]
 
     def __repr__(self) -> str:
         extra = "" if self.kdim == self.vdim == self.embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
+        if self.num_kv_heads != self.num_heads:
+            extra += f", num_kv_heads={self.num_kv_heads}"
+        if "bias_k" in self._params:
+            extra += ", add_bias_kv=True"
+        if "q_norm.weight" in self._params:
+            extra += ", normalize_qk=True"
+        defaults = _Options()
+        for f in fields(_Options):
+            value = getattr(self._options, f.name)
+            if value != getattr(defaults, f.name) and not (f.name == "alibi" and value is None):
+                extra += f", {f.name}={value!r}"
         return (
             f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}, "
             f"bias={'in_proj_bias' in self._params}, xp={lib_name(self._xp)}, "
@@ -620,7 +890,8 @@ class MultiHeadAttention:
         average_weights: bool = True,
         chunk_size: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
-    ) -> Array | tuple[Array, Array]:
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, Array] | tuple[Array, KVCache] | tuple[Array, Array, KVCache]:
         """Apply multi-head attention.
 
         Parameters
@@ -678,14 +949,93 @@ class MultiHeadAttention:
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         return_weights = check_flag("return_weights", return_weights)
         average_weights = check_flag("average_weights", average_weights)
-        out, weights, _ = self._forward(call, is_causal=check_flag("is_causal", is_causal),
-                                        return_weights=return_weights,
-                                        memory_budget=memory_budget, residuals=False)
-        if not return_weights:
-            return out
-        if average_weights:
-            weights = self._xp.mean(weights, axis=1)
-        return out, weights if call.batched else weights[0, ...]
+        is_causal = check_flag("is_causal", is_causal)
+        if cache is not None:
+            self._check_cache(cache, call, is_causal, key is not None or value is not None)
+        out, weights, _, cache = self._forward(call, is_causal=is_causal,
+                                               return_weights=return_weights,
+                                               memory_budget=memory_budget, residuals=False,
+                                               cache=cache)
+        if return_weights:
+            if average_weights:
+                weights = self._xp.mean(weights, axis=1)
+            weights = weights if call.batched else weights[0, ...]
+        if cache is None:
+            return (out, weights) if return_weights else out
+        return (out, weights, cache) if return_weights else (out, cache)
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty key/value cache for incremental decoding with this layer.
+
+        Parameters
+        ----------
+        batch_size : int
+            The batch size ``B`` of the calls that will use it (use 1 for
+            unbatched calls).
+        max_length : int
+            The most positions it will hold (prompt and generated tokens).
+
+        Returns
+        -------
+        KVCache
+            Zeros of shape ``(batch_size, num_kv_heads, max_length,
+            head_dim)`` in the layer's namespace, device and dtype, with
+            ``length`` 0.
+
+        See Also
+        --------
+        __call__ : ``y, cache = layer(x, cache=cache, is_causal=True)``.
+
+        Examples
+        --------
+        Prefill with a prompt, then decode one position at a time; the
+        outputs are those of causal self-attention over the whole sequence:
+
+        >>> import numpy as np
+        >>> import mha_xp
+        >>> layer = mha_xp.MultiHeadAttention(16, 4, num_kv_heads=2, rotary=True, seed=0)
+        >>> x = np.random.default_rng(1).standard_normal((2, 7, 16))
+        >>> cache = layer.init_cache(batch_size=2, max_length=8)
+        >>> y_prompt, cache = layer(x[:, :5], cache=cache, is_causal=True)
+        >>> y5, cache = layer(x[:, 5:6], cache=cache, is_causal=True)
+        >>> y6, cache = layer(x[:, 6:7], cache=cache, is_causal=True)
+        >>> int(cache.length)
+        7
+        >>> full = layer(x, is_causal=True)
+        >>> bool(np.allclose(np.concatenate([y_prompt, y5, y6], axis=1), full))
+        True
+        """
+        batch_size = check_positive_int("batch_size", batch_size)
+        max_length = check_positive_int("max_length", max_length)
+        return KVCache.empty(batch_size, self.num_kv_heads, max_length, self.head_dim,
+                             xp=self._xp, device=self._device, dtype=self._dtype)
+
+    def _check_cache(self, cache: Any, call: _Call, is_causal: bool, cross: bool) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from layer.init_cache(...), got "
+                            f"{type(cache).__name__}")
+        if not is_causal:
+            raise ValueError("decoding with a cache is causal attention: pass is_causal=True")
+        if cross:
+            raise ValueError("a cache is for self-attention: pass only query (key and value "
+                             "come from the cache)")
+        for name, given in (("key_padding_mask", call.key_padding_mask), ("mask", call.mask),
+                            ("bias", call.bias)):
+            if given is not None:
+                raise ValueError(f"{name} is not supported with a cache (the cache masks the "
+                                 f"positions not yet filled itself)")
+        B, L = call.query.shape[0], call.query.shape[1]
+        want = (B, self.num_kv_heads, cache.max_length, self.head_dim)
+        for name, a in (("cache.key", cache.key), ("cache.value", cache.value)):
+            if tuple(a.shape) != want:
+                raise ValueError(f"{name} must have shape (B, num_kv_heads, max_length, head_dim)"
+                                 f" = {want} for this layer and query, got {tuple(a.shape)}")
+            if a.dtype != self._dtype:
+                raise TypeError(f"{name} has dtype {dtype_name(a.dtype)} but the layer's weights "
+                                f"are {dtype_name(self._dtype)}")
+        if L > cache.max_length:
+            raise ValueError(f"query has {L} positions but the cache holds at most "
+                             f"max_length = {cache.max_length}")
 
     def vjp(
         self,
@@ -753,8 +1103,8 @@ class MultiHeadAttention:
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         is_causal = check_flag("is_causal", is_causal)
-        out, _, res = self._forward(call, is_causal=is_causal, return_weights=False,
-                                    memory_budget=memory_budget, residuals=True)
+        out, _, res, _ = self._forward(call, is_causal=is_causal, return_weights=False,
+                                       memory_budget=memory_budget, residuals=True)
 
         def backward(grad_out: Array) -> dict[str, Array]:
             check_grad(grad_out, out, xp=self._xp, name="grad_out")
@@ -849,9 +1199,9 @@ class MultiHeadAttention:
 
     def _forward(
         self, call: _Call, *, is_causal: bool, return_weights: bool,
-        memory_budget: int | None, residuals: bool,
-    ) -> tuple[Array, Array | None, dict[str, Any] | None]:
-        xp = self._xp
+        memory_budget: int | None, residuals: bool, cache: KVCache | None = None,
+    ) -> tuple[Array, Array | None, dict[str, Any] | None, KVCache | None]:
+        xp, o, p, dev = self._xp, self._options, self._params, self._device
         query, key, value = call.query, call.key, call.value
         B, L, S = query.shape[0], query.shape[1], key.shape[1]
         key_keep = keep = None
@@ -861,26 +1211,109 @@ class MultiHeadAttention:
             # Padding must be inert even when it holds NaN or Inf: a zero weight
             # does not suffice (0 * NaN = NaN), so zero the padded inputs.
             keep = xp.reshape(keep_bs, (B, S, 1))
-            zero = xp.zeros((), dtype=self._dtype, device=self._device)
+            zero = xp.zeros((), dtype=self._dtype, device=dev)
             same = value is key
             key = xp.where(keep, key, zero)
             value = key if same else xp.where(keep, value, zero)
-        q, k, v = self._project(query, key, value)
+        q_in, k_in, v = self._project(query, key, value)
+        q, k = q_in, k_in
+        if "q_norm.weight" in p:
+            q = qk_layer_norm(q, p["q_norm.weight"], eps=_NORM_EPS)
+            k = qk_layer_norm(k, p["k_norm.weight"], eps=_NORM_EPS)
+        # Positions: bottom-right aligned (query i sits at key position
+        # i + S - L), and continuing from the cache's length when decoding.
+        start = (S - L) if cache is None else cache.length
+        pos_q = xp.arange(L, device=dev) + start
+        pos_k = xp.arange(S, device=dev) + (0 if cache is None else cache.length)
+        if o.rotary:
+            q = self._rotate(q, pos_q, inverse=False)
+            k = self._rotate(k, pos_k, inverse=False)
+        mask, bias, causal = call.mask, call.bias, is_causal
+        core = dict(window=o.window, alibi=o.alibi)
+        n_extra = ("bias_k" in p) + o.add_zero_attn
+        if cache is not None:
+            cache = cache.append(k, v)
+            k, v = cache.key, cache.value
+            S = k.shape[2]
+            keys = xp.arange(S, device=dev)
+            pos_mask, pos_bias = self._position_terms(pos_q, keys, valid=keys < cache.length,
+                                                      causal=True)
+            mask, bias, causal, core = pos_mask, pos_bias, False, {}
+        elif n_extra or (not _CORE_POSITIONS and (o.window is not None or o.alibi is not None)):
+            # The core aligns its causal/window/ALiBi terms to the last key; the
+            # appended keys of add_bias_kv/add_zero_attn must stay outside
+            # them (visible to every query, as in torch): build them here.
+            pos_mask, pos_bias = self._position_terms(pos_q, pos_k, valid=None, causal=causal)
+            mask = combine(mask, pos_mask, xp=xp)
+            bias = pos_bias if bias is None else (bias if pos_bias is None else bias + pos_bias)
+            causal, core = False, {}
+        if n_extra:
+            k, v = self._append_extras(k, v, B)
+            mask = None if mask is None else _pad_last(mask, S, n_extra, True, xp)
+            bias = None if bias is None else _pad_last(bias, S, n_extra, 0.0, xp)
+            key_keep = None if key_keep is None else _pad_last(key_keep, S, n_extra, True, xp)
+        core_kw = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=causal,
+                       scale=1.0 / math.sqrt(self.head_dim), **_core_options(core, o.softcap))
         heads, weights, stats = attend(
-            q, k, v, mask=call.mask, key_keep=key_keep, bias=call.bias, is_causal=is_causal,
-            scale=1.0 / math.sqrt(self.head_dim), return_weights=return_weights,
-            return_stats=residuals, chunk_size=call.chunk_size, memory_budget=memory_budget,
-            xp=xp,
-        )
+            q, k, v, return_weights=return_weights, return_stats=residuals,
+            chunk_size=call.chunk_size, memory_budget=memory_budget, xp=xp, **core_kw)
         merged = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, L, self.embed_dim))
-        out = _linear(merged, self._params["out_proj.weight"], self._params.get("out_proj.bias"), xp)
+        out = _linear(merged, p["out_proj.weight"], p.get("out_proj.bias"), xp)
         if not call.batched:
             out = out[0, ...]
         res = None
         if residuals:
-            res = dict(key=key, value=value, keep=keep, key_keep=key_keep, q=q, k=k, v=v,
-                       heads=heads, stats=stats, merged=merged)
-        return out, weights, res
+            res = dict(key=key, value=value, keep=keep, q_in=q_in, k_in=k_in, q=q, k=k, v=v,
+                       heads=heads, stats=stats, merged=merged, core_kw=core_kw,
+                       pos_q=pos_q, pos_k=pos_k, n_extra=n_extra, S=S)
+        return out, weights, res, cache
+
+    def _position_terms(
+        self, pos_q: Array, pos_k: Array, *, valid: Array | None, causal: bool,
+    ) -> tuple[Array | None, Array | None]:
+        """The causal, window and validity mask ``(L, S)`` and the ALiBi bias
+        ``(H, L, S)`` from the positions of queries and keys (index
+        arithmetic only, so that a cache's traced length works under
+        ``jax.jit``)."""
+        xp, o = self._xp, self._options
+        i, j = xp.expand_dims(pos_q, axis=1), xp.expand_dims(pos_k, axis=0)
+        mask = None if valid is None else xp.expand_dims(valid, axis=0)
+        if causal:
+            mask = combine(mask, j <= i, xp=xp)
+        if o.window is not None:
+            left, right = o.window
+            if left is not None:
+                mask = combine(mask, j >= i - left, xp=xp)
+            if right is not None:
+                mask = combine(mask, j <= i + right, xp=xp)
+        bias = None
+        if o.alibi is not None:
+            slopes = xp.asarray(o.alibi, dtype=self._dtype, device=self._device)
+            distance = xp.astype(xp.abs(i - j), self._dtype)
+            bias = -xp.reshape(slopes, (self.num_heads, 1, 1)) * distance
+        return mask, bias
+
+    def _rotate(self, x: Array, positions: Array, *, inverse: bool) -> Array:
+        from ._rotary import apply_rotary  # noqa: PLC0415 (a sibling module, imported when used)
+
+        o = self._options
+        return apply_rotary(x, positions, base=o.rotary_base, interleaved=o.rotary_interleaved,
+                            rotary_dim=o.rotary_dim, inverse=inverse)
+
+    def _append_extras(self, k: Array, v: Array, B: int) -> tuple[Array, Array]:
+        """torch's ``add_bias_kv`` then ``add_zero_attn``: one key/value
+        position each, appended after the real ones, for every head."""
+        xp, p = self._xp, self._params
+        shape = (B, self.num_kv_heads, 1, self.head_dim)
+        extra_k, extra_v = [k], [v]
+        if "bias_k" in p:
+            for dst, name in ((extra_k, "bias_k"), (extra_v, "bias_v")):
+                dst.append(xp.broadcast_to(xp.reshape(p[name], (1, shape[1], 1, shape[3])), shape))
+        if self._options.add_zero_attn:
+            zeros = xp.zeros(shape, dtype=self._dtype, device=self._device)
+            extra_k.append(zeros)
+            extra_v.append(zeros)
+        return xp.concat(extra_k, axis=2), xp.concat(extra_v, axis=2)
 
     def _backward(
         self, call: _Call, res: dict[str, Any], grad_out: Array, *, is_causal: bool,
@@ -898,14 +1331,32 @@ class MultiHeadAttention:
             grads["out_proj.bias"] = xp.sum(dy, axis=0)
         d_heads = _split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, E)), H, xp)
         dq, dk, dv, dbias = attend_backward(
-            res["q"], res["k"], res["v"], res["heads"], res["stats"], d_heads, mask=call.mask,
-            key_keep=res["key_keep"], bias=call.bias, is_causal=is_causal,
-            scale=1.0 / math.sqrt(D), chunk_size=call.chunk_size, xp=xp)
+            res["q"], res["k"], res["v"], res["heads"], res["stats"], d_heads,
+            chunk_size=call.chunk_size, xp=xp, **res["core_kw"])
+        S = res["S"]
+        if res["n_extra"]:
+            if "bias_k" in p:
+                Fkv = self.num_kv_heads * D
+                grads["bias_k"] = xp.reshape(xp.sum(dk[:, :, S, :], axis=0), (1, 1, Fkv))
+                grads["bias_v"] = xp.reshape(xp.sum(dv[:, :, S, :], axis=0), (1, 1, Fkv))
+            dk, dv = dk[:, :, :S, :], dv[:, :, :S, :]
+            if dbias is not None:
+                dbias = dbias[..., :S]
+        if call.bias is not None and tuple(dbias.shape) != tuple(call.bias.shape):
+            dbias = unbroadcast(dbias, tuple(call.bias.shape), xp=xp)
+        if self._options.rotary:
+            dq = self._rotate(dq, res["pos_q"], inverse=True)
+            dk = self._rotate(dk, res["pos_k"], inverse=True)
+        if "q_norm.weight" in p:
+            dq, grads["q_norm.weight"] = qk_layer_norm_backward(
+                res["q_in"], p["q_norm.weight"], dq, eps=_NORM_EPS)
+            dk, grads["k_norm.weight"] = qk_layer_norm_backward(
+                res["k_in"], p["k_norm.weight"], dk, eps=_NORM_EPS)
         inputs = (call.query, res["key"], res["value"])
         d_in, d_w, d_b = [], [], []
         for d, x, w in zip((dq, dk, dv), inputs, self._in_weights()):
-            n = d.shape[2]
-            d2 = xp.reshape(xp.permute_dims(d, (0, 2, 1, 3)), (B * n, E))
+            n, F = d.shape[2], d.shape[1] * D
+            d2 = xp.reshape(xp.permute_dims(d, (0, 2, 1, 3)), (B * n, F))
             d_w.append(xp.matmul(xp.matrix_transpose(d2), xp.reshape(x, (B * n, x.shape[-1]))))
             d_b.append(xp.sum(d2, axis=0))
             d_in.append(xp.reshape(xp.matmul(d2, w), (B, n, x.shape[-1])))
@@ -930,8 +1381,9 @@ class MultiHeadAttention:
         return ordered | {n: grads[n] for n in ("bias", *p) if n in grads}
 
     def _project(self, query: Array, key: Array, value: Array) -> tuple[Array, Array, Array]:
-        """The three input projections, split into heads ``(B, H, ·, D)``."""
-        xp, H = self._xp, self.num_heads
+        """The three input projections, split into heads: ``(B, H, L, D)``
+        queries, ``(B, num_kv_heads, S, D)`` keys and values."""
+        xp, H, Hkv = self._xp, self.num_heads, self.num_kv_heads
         wq, wk, wv = self._in_weights()
         bq, bk, bv = self._in_biases()
         if "in_proj_weight" in self._params and key is query and value is query:
@@ -942,6 +1394,6 @@ class MultiHeadAttention:
             return qkv[0, ...], qkv[1, ...], qkv[2, ...]
         return (
             _split_heads(_linear(query, wq, bq, xp), H, xp),
-            _split_heads(_linear(key, wk, bk, xp), H, xp),
-            _split_heads(_linear(value, wv, bv, xp), H, xp),
+            _split_heads(_linear(key, wk, bk, xp), Hkv, xp),
+            _split_heads(_linear(value, wv, bv, xp), Hkv, xp),
         )

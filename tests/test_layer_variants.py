@@ -1,0 +1,267 @@
+"""Layer variants: torch's add_bias_kv/add_zero_attn, grouped-query heads,
+the KV cache, rotary, QK normalisation, window, ALiBi and soft-capping.
+
+References: ``torch.nn.MultiheadAttention`` (outputs, per-head weights and
+autograd gradients) where torch has the feature, and otherwise
+``_torch_layer`` below, the layer written out in float64 torch operations
+(independent of mha_xp) and differentiated by torch autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import mha_xp
+from conftest import REL_TOL, assert_close, assert_preserved, rel_err
+
+torch = pytest.importorskip("torch", reason="optional backend torch not installed")
+
+MHA = mha_xp.MultiHeadAttention
+# Gradients in float32 go through more rounding steps (two matmuls per
+# projection, the attention backward) than the forward.
+GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
+
+
+def _to_backend(layer, backend, dtype):
+    return layer.to(xp=backend.xp, device=backend.device, dtype=backend.dtype(dtype))
+
+
+def _host(layer, backend):
+    return {n: backend.to_numpy(w) for n, w in layer.state_dict().items()}
+
+
+def _rotate_ref(x, pos, base, interleaved, rotary_dim=None):
+    """RoPE in torch: GPT-NeoX halves or GPT-J interleaved pairs."""
+    rd = x.shape[-1] if rotary_dim is None else rotary_dim
+    half = rd // 2
+    inv = torch.tensor([base ** (-2.0 * p / rd) for p in range(half)], dtype=torch.float64)
+    ang = pos.to(torch.float64)[:, None] * inv
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    xr, rest = x[..., :rd], x[..., rd:]
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    else:
+        a, b = xr[..., :half], xr[..., half:]
+        out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    return torch.cat((out, rest), dim=-1)
+
+
+def _torch_layer(p, x, H, *, causal=False, rotary=None, norm=False, window=None,
+                 alibi=None, softcap=None):
+    """The layer in float64 torch operations; ``p`` holds torch tensors under
+    the state_dict names (separate q/k/v projections or the packed one)."""
+    B, L, E = x.shape
+    D = E // H
+    if "in_proj_weight" in p:
+        wq, wk, wv = p["in_proj_weight"].split(E)
+    else:
+        wq, wk, wv = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
+    F = wk.shape[0]
+    Hkv = F // D
+    bq, bk, bv = p["in_proj_bias"].split([E, F, F]) if "in_proj_bias" in p else (None,) * 3
+    q = torch.nn.functional.linear(x, wq, bq).view(B, L, H, D).transpose(1, 2)
+    k = torch.nn.functional.linear(x, wk, bk).view(B, L, Hkv, D).transpose(1, 2)
+    v = torch.nn.functional.linear(x, wv, bv).view(B, L, Hkv, D).transpose(1, 2)
+    if norm:
+        q = torch.nn.functional.layer_norm(q, (D,), p["q_norm.weight"], None, eps=1e-6)
+        k = torch.nn.functional.layer_norm(k, (D,), p["k_norm.weight"], None, eps=1e-6)
+    pos = torch.arange(L)
+    if rotary is not None:
+        q = _rotate_ref(q, pos, *rotary)
+        k = _rotate_ref(k, pos, *rotary)
+    G = H // Hkv
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = pos[:, None], pos[None, :]
+    if alibi is not None:
+        s = s - torch.tensor(alibi, dtype=torch.float64)[:, None, None] * (i - j).abs()
+    allowed = torch.ones(L, L, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
+    s = s.masked_fill(~allowed, float("-inf"))
+    heads = torch.softmax(s, dim=-1) @ v
+    merged = heads.transpose(1, 2).reshape(B, L, E)
+    return torch.nn.functional.linear(merged, p["out_proj.weight"], p.get("out_proj.bias"))
+
+
+def _random_biases(layer, rng):
+    """torch's init zeroes the biases; draw them so that they are tested."""
+    sd = {n: np.array(w, dtype=np.float64) for n, w in layer.state_dict().items()}
+    for n in sd:
+        if n.endswith("bias") or n.startswith(("q_norm", "k_norm")):
+            sd[n] = rng.standard_normal(sd[n].shape)
+    return sd
+
+
+def _check_grads(grads, expected, dtype):
+    assert sorted(grads) == sorted(expected)
+    for name, g in expected.items():
+        assert tuple(grads[name].shape) == tuple(g.shape), name
+        err = rel_err(grads[name], g)
+        assert err <= GRAD_TOL[dtype], (name, err)
+
+
+class TestBiasKVZeroAttn:
+    """torch's add_bias_kv and add_zero_attn against torch.nn.MultiheadAttention."""
+
+    @pytest.mark.parametrize("bias_kv,zero_attn", [(True, False), (False, True), (True, True)])
+    @pytest.mark.parametrize("cross", [False, True])
+    def test_against_torch(self, backend, dtype, rng, bias_kv, zero_attn, cross):
+        torch.manual_seed(int(rng.integers(2**31)))
+        kdim = 5 if cross else None
+        m = torch.nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim,
+                                        add_bias_kv=bias_kv, add_zero_attn=zero_attn).double()
+        with torch.no_grad():
+            m.in_proj_bias.normal_()
+            m.out_proj.bias.normal_()
+        layer = _to_backend(MHA.from_torch(m), backend, dtype)
+        assert sorted(layer.state_dict()) == sorted(m.state_dict())
+        B, L, S = 2, 5, (6 if cross else 5)
+        x = rng.standard_normal((B, L, 8))
+        kv = rng.standard_normal((B, S, kdim or 8)) if cross else x
+        pad = rng.random((B, S)) < 0.3
+        pad[:, -1] = False
+        mask = rng.random((L, S)) < 0.8
+        causal = np.tril(np.ones((L, S), dtype=bool), k=S - L)
+        args = (backend.asarray(x, dtype),) + ((backend.asarray(kv, dtype),) * 2 if cross else ())
+        kw = dict(key_padding_mask=backend.asarray(pad), mask=backend.asarray(mask), is_causal=True)
+        y, w = layer(*args, return_weights=True, average_weights=False, **kw)
+        n = S + bias_kv + zero_attn
+        assert_preserved(backend, y, dtype, (B, L, 8))
+        assert_preserved(backend, w, dtype, (B, 2, L, n))
+        tx, tkv = torch.tensor(x, requires_grad=True), torch.tensor(kv, requires_grad=True)
+        ty, tw = m(tx, tkv if cross else tx, tkv if cross else tx,
+                   key_padding_mask=torch.tensor(pad), attn_mask=torch.tensor(~(mask & causal)),
+                   need_weights=True, average_attn_weights=False)
+        assert_close(backend.to_numpy(y), ty.detach().numpy(), dtype)
+        assert_close(backend.to_numpy(w), tw.detach().numpy(), dtype)
+        # gradients, with torch autograd through the module
+        y2, backward = layer.vjp(*args, **kw)
+        gy = rng.standard_normal((B, L, 8))
+        grads = backward(backend.asarray(gy, dtype))
+        ty.backward(torch.tensor(gy))
+        expected = {"query": tx.grad.numpy()}
+        if cross:
+            expected["key"] = expected["value"] = None  # key and value are one array in torch
+        expected |= {name: prm.grad.numpy() for name, prm in m.named_parameters()}
+        host = {k: backend.to_numpy(g) for k, g in grads.items()}
+        if cross:
+            host["key"] = host["key"] + host.pop("value")
+            expected["key"] = tkv.grad.numpy()
+            del expected["value"]
+        assert list(grads)[-len(list(m.named_parameters())):] == [n for n, _ in m.named_parameters()]
+        _check_grads(host, expected, dtype)
+
+    def test_state_dict_round_trip_and_init(self, rng):
+        layer = MHA(8, 2, add_bias_kv=True, add_zero_attn=True, seed=1)
+        sd = layer.state_dict()
+        assert list(sd) == ["in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+                            "out_proj.weight", "out_proj.bias"]
+        assert sd["bias_k"].shape == sd["bias_v"].shape == (1, 1, 8)
+        assert np.std(sd["bias_k"]) > 0
+        again = MHA.from_state_dict(sd, num_heads=2, add_zero_attn=True)
+        x = rng.standard_normal((2, 4, 8))
+        assert np.array_equal(again(x), layer(x))
+        # without add_zero_attn the output differs: the option is not in the state dict
+        assert rel_err(MHA.from_state_dict(sd, num_heads=2)(x), layer(x)) > 1e-3
+        assert "add_bias_kv=True" in repr(layer) and "add_zero_attn=True" in repr(layer)
+
+    def test_torch_loads_our_state_dict(self, rng):
+        layer = MHA(8, 4, add_bias_kv=True, seed=2)
+        m = torch.nn.MultiheadAttention(8, 4, batch_first=True, add_bias_kv=True).double()
+        m.load_state_dict({n: torch.tensor(w) for n, w in layer.state_dict().items()})
+        x = rng.standard_normal((3, 6, 8))
+        assert rel_err(layer(x), m(*(torch.tensor(x),) * 3)[0].detach().numpy()) <= 1e-12
+
+    def test_lone_bias_k_is_refused(self):
+        sd = MHA(8, 2, seed=0).state_dict() | {"bias_k": np.zeros((1, 1, 8))}
+        with pytest.raises(ValueError, match=r"unexpected \['bias_k'\].*add_bias_kv needs both"):
+            MHA.from_state_dict(sd, num_heads=2)
+
+
+def _gqa_ref(params, x, H, causal):
+    """float64 NumPy reference of grouped-query self-attention: head h uses
+    key/value head h // (H // Hkv)."""
+    from reference import ref_attention
+
+    E = params["out_proj.weight"].shape[0]
+    D = E // H
+    Hkv = params["k_proj_weight"].shape[0] // D
+    F = Hkv * D
+    b = params.get("in_proj_bias", np.zeros(E + 2 * F))
+    q = x @ params["q_proj_weight"].T + b[:E]
+    k = x @ params["k_proj_weight"].T + b[E:E + F]
+    v = x @ params["v_proj_weight"].T + b[E + F:]
+    B, L, _ = x.shape
+    heads = []
+    for h in range(H):
+        g = h // (H // Hkv)
+        o, _ = ref_attention(q[..., h * D:(h + 1) * D], k[..., g * D:(g + 1) * D],
+                             v[..., g * D:(g + 1) * D], is_causal=causal)
+        heads.append(o)
+    return np.concatenate(heads, axis=-1) @ params["out_proj.weight"].T + params["out_proj.bias"]
+
+
+class TestGroupedQuery:
+    @pytest.mark.parametrize("num_kv_heads", [1, 2])
+    def test_against_reference_and_torch_sdpa(self, backend, dtype, rng, num_kv_heads):
+        H, E = 4, 16
+        base = MHA(E, H, num_kv_heads=num_kv_heads, seed=5)
+        sd = _random_biases(base, rng)
+        assert sd["k_proj_weight"].shape == (num_kv_heads * 4, E)
+        assert sd["in_proj_bias"].shape == (E + 2 * num_kv_heads * 4,)
+        layer = _to_backend(MHA.from_state_dict(sd, num_heads=H), backend, dtype)
+        assert layer.num_kv_heads == num_kv_heads
+        x = rng.standard_normal((2, 7, E))
+        y = layer(backend.asarray(x, dtype), is_causal=True)
+        assert_preserved(backend, y, dtype, (2, 7, E))
+        assert_close(backend.to_numpy(y), _gqa_ref(sd, x, H, True), dtype)
+        # torch: the same projections, then SDPA with enable_gqa=True
+        t = {n: torch.tensor(w) for n, w in sd.items()}
+        tx = torch.tensor(x)
+        F = num_kv_heads * 4
+        q = (tx @ t["q_proj_weight"].T + t["in_proj_bias"][:E]).view(2, 7, H, 4).transpose(1, 2)
+        k = (tx @ t["k_proj_weight"].T + t["in_proj_bias"][E:E + F]).view(2, 7, -1, 4).transpose(1, 2)
+        v = (tx @ t["v_proj_weight"].T + t["in_proj_bias"][E + F:]).view(2, 7, -1, 4).transpose(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        ty = o.transpose(1, 2).reshape(2, 7, E) @ t["out_proj.weight"].T + t["out_proj.bias"]
+        assert_close(backend.to_numpy(y), ty.numpy(), dtype)
+
+    def test_gradients_against_torch_autograd(self, backend, dtype, rng):
+        sd = _random_biases(MHA(12, 6, num_kv_heads=2, seed=6), rng)
+        layer = _to_backend(MHA.from_state_dict(sd, num_heads=6), backend, dtype)
+        x = rng.standard_normal((3, 5, 12))
+        y, backward = layer.vjp(backend.asarray(x, dtype), is_causal=True)
+        gy = rng.standard_normal(y.shape)
+        grads = {n: backend.to_numpy(g) for n, g in backward(backend.asarray(gy, dtype)).items()}
+        t = {n: torch.tensor(w, requires_grad=True) for n, w in sd.items()}
+        tx = torch.tensor(x, requires_grad=True)
+        ty = _torch_layer(t, tx, 6, causal=True)
+        assert_close(backend.to_numpy(y), ty.detach().numpy(), dtype)
+        ty.backward(torch.tensor(gy))
+        _check_grads(grads, {"query": tx.grad.numpy()} | {n: w.grad.numpy() for n, w in t.items()},
+                     dtype)
+
+    def test_cross_attention_and_errors(self, rng):
+        layer = MHA(8, 4, num_kv_heads=2, kdim=3, vdim=5, seed=0)
+        assert layer.state_dict()["k_proj_weight"].shape == (4, 3)
+        assert layer.state_dict()["v_proj_weight"].shape == (4, 5)
+        q, k, v = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 6, 5))
+        assert layer(q, k, v).shape == (2, 4, 8)
+        with pytest.raises(ValueError, match=r"num_kv_heads \(3\) must divide num_heads \(4\)"):
+            MHA(8, 4, num_kv_heads=3)
+        with pytest.raises(ValueError, match="num_kv_heads=4 does not match"):
+            MHA.from_state_dict(layer.state_dict(), num_heads=4, num_kv_heads=4)
+        assert "num_kv_heads=2" in repr(layer)
