@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from dataclasses import replace
+from collections.abc import Callable, Sequence
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
-from array_api_compat import device as device_of, is_dask_namespace
+from array_api_compat import (
+    array_namespace,
+    device as device_of,
+    is_array_api_strict_namespace,
+    is_dask_namespace,
+    is_numpy_array,
+    is_torch_array,
+)
 
 from ._checks import (
+    check_alibi_slopes,
     check_bias,
     check_chunk_size,
+    check_cu_seqlens,
     check_flag,
     check_gqa,
     check_grad,
@@ -19,11 +30,15 @@ from ._checks import (
     check_same_dtype,
     check_scale,
     check_sdpa_shapes,
+    check_softcap,
+    check_window,
 )
 from . import _config
 from ._backward import attention_backward
 from ._chunked import (
+    block_scores,
     broadcast_lead,
+    diag_offset,
     chunked_attention,
     chunked_weights,
     lse_from_stats,
@@ -33,7 +48,8 @@ from ._config import resolve_budget
 from ._lib._dask import attend_blocks
 from ._lib._math import masked_softmax
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
-from ._masks import causal_mask, combine
+from ._lib._inplace import writes_in_place
+from ._masks import Variants
 
 __all__ = [
     "attend",
@@ -96,11 +112,14 @@ def attend(
     chunk_size: tuple[int, int] | None,
     memory_budget: int | None,
     xp: ModuleType,
+    variants: Variants | None = None,
 ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
     """Attention on validated inputs: ``softmax(Q K^T * scale + bias, allowed) V``.
 
     ``allowed`` is the AND of ``mask``, ``key_keep`` (False on padding keys,
-    broadcastable to ``(..., 1, S)``) and the causal triangle. Returns
+    broadcastable to ``(..., 1, S)``), the causal triangle and what
+    ``variants`` (:class:`~mha_xp._masks.Variants`: window, soft-capping,
+    ALiBi, packed sequences) add. Returns
     ``(out, weights or None, stats or None)``, where ``stats = (m, l)`` are the
     rows' softmax shift and sum (see :func:`~mha_xp._chunked.lse_from_stats`).
 
@@ -123,7 +142,8 @@ def attend(
             xp.expand_dims(value, axis=-3), mask=_group(mask, groups, xp),
             key_keep=_group(key_keep, groups, xp), bias=_group(bias, groups, xp),
             is_causal=is_causal, scale=scale, return_weights=return_weights,
-            return_stats=return_stats, chunk_size=chunk_size, memory_budget=memory_budget, xp=xp)
+            return_stats=return_stats, chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+            variants=_group_variants(variants, groups, xp))
         return (_ungroup(out, 2, xp), _ungroup(weights, 2, xp),
                 None if stats is None else tuple(_ungroup(t, 1, xp) for t in stats))
     if is_dask_namespace(xp):
@@ -131,7 +151,7 @@ def attend(
             attend, query, key, value, mask=mask, key_keep=key_keep, bias=bias,
             is_causal=is_causal, scale=scale, return_weights=return_weights,
             return_stats=return_stats, chunk_size=chunk_size,
-            memory_budget=memory_budget, xp=xp)
+            memory_budget=memory_budget, xp=xp, variants=variants)
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     if work != dtype:
@@ -164,22 +184,21 @@ def attend(
     weights = stats = None
     if blocks is None:
         # Scale Q (L x D) rather than the scores (L x S).
-        scores = xp.matmul(query * scale, xp.matrix_transpose(key))
-        if bias is not None:
-            scores = scores + bias
-        causal = causal_mask(L, S, xp=xp, device=device_of(query)) if is_causal else None
-        allowed = combine(combine(mask, key_keep, xp=xp), causal, xp=xp)
+        scores = block_scores(
+            query * scale, key, mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
+            rows=slice(0, L), cols=slice(0, S), offset=diag_offset(L, S, variants), xp=xp,
+            in_place=writes_in_place(xp), variants=variants)
         if return_stats:
-            weights, stats = masked_softmax(scores, allowed, xp=xp, return_stats=True)
+            weights, stats = masked_softmax(scores, None, xp=xp, return_stats=True)
             stats = tuple(_expand(t, lead + (L,), xp) for t in stats)
         else:
-            weights = masked_softmax(scores, allowed, xp=xp)
+            weights = masked_softmax(scores, None, xp=xp)
         out = _expand(xp.matmul(weights, value), lead + (L, value.shape[-1]), xp)
         weights = _expand(weights, lead + (L, S), xp) if return_weights else None
     else:
         q_block, k_block = blocks
         common = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
-                      scale=scale, q_block=q_block, k_block=k_block, xp=xp)
+                      scale=scale, q_block=q_block, k_block=k_block, xp=xp, variants=variants)
         out, stats = chunked_attention(query, key, value, **common)
         if return_weights:
             weights = _expand(chunked_weights(query, key, stats, **common), lead + (L, S), xp)
@@ -200,6 +219,14 @@ def gqa_groups(query: Array, key: Array, value: Array) -> tuple[int, int] | None
     if hq == hkv or 1 in (hq, hkv):
         return None
     return hkv, hq // hkv
+
+
+def _group_variants(variants: Variants | None, groups: tuple[int, int],
+                    xp: ModuleType) -> Variants | None:
+    """``variants`` with the ALiBi slopes split into ``(Hkv, G)`` heads."""
+    if variants is None or variants.neg_slopes is None:
+        return variants
+    return replace(variants, neg_slopes=_group(variants.neg_slopes, groups, xp))
 
 
 def _group(x: Array | None, groups: tuple[int, int], xp: ModuleType) -> Array | None:
@@ -246,8 +273,10 @@ def _expand(x: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:
 
 def _validate(
     query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
-    scale: Any, chunk_size: Any, enable_gqa: Any = None,
-) -> tuple[ModuleType, float, tuple[int, int] | None]:
+    scale: Any, chunk_size: Any, enable_gqa: Any = None, window: Any = None,
+    alibi_slopes: Any = None, softcap: Any = None, cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+) -> tuple[ModuleType, float, tuple[int, int] | None, Variants | None]:
     """Shared validation of the public attention functions."""
     xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
     dtype = check_same_dtype(xp, query=query, key=key, value=value)
@@ -265,7 +294,84 @@ def _validate(
         check_mask(mask, scores_shape, xp, labels)
     if bias is not None:
         check_bias(bias, dtype, scores_shape, xp, labels)
-    return xp, check_scale(scale, query.shape[-1]), check_chunk_size(chunk_size)
+    variants = _variants(xp, dev, dtype, scores_shape, window, alibi_slopes, softcap,
+                         cu_seqlens_q, cu_seqlens_k)
+    return xp, check_scale(scale, query.shape[-1]), check_chunk_size(chunk_size), variants
+
+
+def _host_readable(x: Array) -> bool:
+    """Whether reading values of ``x`` is free: an eager array in host memory
+    (NumPy, array-api-strict, torch on the CPU), never a GPU, lazy or traced one."""
+    if is_numpy_array(x) or is_array_api_strict_namespace(array_namespace(x)):
+        return True
+    return is_torch_array(x) and x.device.type == "cpu"
+
+
+def _as_index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool]:
+    """``x`` as an integer array of ``xp`` on ``dev`` (a Python sequence of
+    ints is converted), and whether its values may be read for validation."""
+    if isinstance(x, (list, tuple)):
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in x):
+            raise TypeError(f"{name} must be an integer array or a list of ints, got {x!r}")
+        return xp.asarray(x, device=dev), True
+    common_namespace((xp, dev, "pass it with the inputs' library and device"), **{name: x})
+    return x, _host_readable(x)
+
+
+def _variants(
+    xp: ModuleType, dev: Any, dtype: Any, scores_shape: tuple[int, ...], window: Any,
+    alibi_slopes: Any, softcap: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
+) -> Variants | None:
+    """Validate the score-level variants and put them in :class:`Variants` form."""
+    window, softcap = check_window(window), check_softcap(softcap)
+    L, S = scores_shape[-2:]
+    work = compute_dtype(dtype, xp)
+    neg_slopes = None
+    if alibi_slopes is not None:
+        if isinstance(alibi_slopes, (list, tuple)):
+            alibi_slopes = xp.asarray(alibi_slopes, dtype=work, device=dev)
+        else:
+            common_namespace((xp, dev, "pass it with the inputs' library and device"),
+                             alibi_slopes=alibi_slopes)
+        check_alibi_slopes(alibi_slopes, dtype, scores_shape, xp)
+        neg_slopes = -xp.astype(alibi_slopes, work)
+        neg_slopes = xp.reshape(neg_slopes, tuple(neg_slopes.shape) + (1, 1))
+    q_seg = k_seg = q_diag = None
+    if cu_seqlens_q is None and cu_seqlens_k is not None:
+        raise ValueError("cu_seqlens_k needs cu_seqlens_q (the queries' sequences)")
+    if cu_seqlens_q is not None:
+        same = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+        if same and L != S:
+            raise ValueError(
+                f"cu_seqlens_k defaults to cu_seqlens_q, which needs as many keys as queries, "
+                f"got L = {L} and S = {S}: pass cu_seqlens_k"
+            )
+        cu_q, readable = _as_index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
+        check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable)
+        cu_k = cu_q
+        if not same:
+            cu_k, readable = _as_index_array("cu_seqlens_k", cu_seqlens_k, xp, dev)
+            check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable)
+            if cu_k.shape[0] != cu_q.shape[0]:
+                raise ValueError(
+                    f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
+                    f"shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
+                )
+            if cu_k.dtype != cu_q.dtype:
+                cu_k = xp.astype(cu_k, cu_q.dtype)
+        # On the device, by binary search: no host round trip.
+        q_seg = xp.searchsorted(cu_q, xp.arange(L, dtype=cu_q.dtype, device=dev), side="right") - 1
+        k_seg = q_seg if same else xp.searchsorted(
+            cu_k, xp.arange(S, dtype=cu_k.dtype, device=dev), side="right") - 1
+        if not same:
+            # The key bottom-right aligned with query i of sequence n:
+            # i - end_q(n) + end_k(n).
+            q_diag = (xp.arange(L, dtype=cu_q.dtype, device=dev)
+                      + xp.take(cu_k - cu_q, q_seg + 1, axis=0))
+    if window is None and softcap is None and neg_slopes is None and q_seg is None:
+        return None
+    return Variants(window=window, softcap=softcap, neg_slopes=neg_slopes, q_seg=q_seg,
+                    k_seg=k_seg, q_diag=q_diag)
 
 
 def scaled_dot_product_attention(
@@ -281,6 +387,11 @@ def scaled_dot_product_attention(
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
     enable_gqa: bool | None = None,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: Array | Sequence[float] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: Array | Sequence[int] | None = None,
+    cu_seqlens_k: Array | Sequence[int] | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Scaled dot-product attention on any array API library.
 
@@ -385,14 +496,15 @@ def scaled_dot_product_attention(
     >>> bool(np.allclose(chunked, out))
     True
     """
-    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size,
-                                      enable_gqa)
+    xp, scale, chunk_size, variants = _validate(
+        query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
+        softcap, cu_seqlens_q, cu_seqlens_k)
     is_causal = check_flag("is_causal", is_causal)
     return_weights = check_flag("return_weights", return_weights)
     out, weights, _ = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
         scale=scale, return_weights=return_weights, return_stats=False,
-        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp, variants=variants,
     )
     return (out, weights) if return_weights else out
 
@@ -409,6 +521,11 @@ def attention_with_lse(
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
     enable_gqa: bool | None = None,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: Array | Sequence[float] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: Array | Sequence[int] | None = None,
+    cu_seqlens_k: Array | Sequence[int] | None = None,
 ) -> tuple[Array, Array]:
     """Attention output and the per-row log-sum-exp of the scores.
 
@@ -447,13 +564,14 @@ def attention_with_lse(
     >>> bool(np.allclose(lse, np.log(np.exp(s).sum(axis=-1))))
     True
     """
-    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size,
-                                      enable_gqa)
+    xp, scale, chunk_size, variants = _validate(
+        query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
+        softcap, cu_seqlens_q, cu_seqlens_k)
     is_causal = check_flag("is_causal", is_causal)
     out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
         scale=scale, return_weights=False, return_stats=True,
-        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp, variants=variants,
     )
     return out, lse_from_stats(stats, xp=xp)
 
@@ -542,6 +660,7 @@ def attend_backward(
     scale: float,
     chunk_size: tuple[int, int] | None,
     xp: ModuleType,
+    variants: Variants | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     """Gradients of :func:`attend` from its saved output and row statistics.
 
@@ -559,7 +678,8 @@ def attend_backward(
             tuple(_split_heads(t, groups, 1, xp) for t in stats),
             _split_heads(grad_out, groups, 2, xp), mask=_group(mask, groups, xp),
             key_keep=_group(key_keep, groups, xp), bias=_group(bias, groups, xp),
-            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp)
+            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp,
+            variants=_group_variants(variants, groups, xp))
         return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
                 xp.reshape(dv, tuple(value.shape)),
                 None if dbias is None else xp.reshape(dbias, tuple(bias.shape)))
@@ -579,7 +699,8 @@ def attend_backward(
     mask, bias = _at_least_2d(mask, xp), _at_least_2d(bias, xp)
     grads = attention_backward(
         query, key, value, out, stats, grad_out, mask=mask, key_keep=key_keep, bias=bias,
-        is_causal=is_causal, scale=scale, q_block=q_block, k_block=k_block, xp=xp)
+        is_causal=is_causal, scale=scale, q_block=q_block, k_block=k_block, xp=xp,
+        variants=variants)
     if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
         grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
     if work != dtype:
@@ -599,6 +720,11 @@ def attention_vjp(
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
     enable_gqa: bool | None = None,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: Array | Sequence[float] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: Array | Sequence[int] | None = None,
+    cu_seqlens_k: Array | Sequence[int] | None = None,
 ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
     """Attention and a function computing its gradients (vector-Jacobian product).
 
@@ -652,20 +778,22 @@ def attention_vjp(
     >>> bool(np.isclose((up - down) / (2 * eps), grads["query"][0, 1, 2]))
     True
     """
-    xp, scale, chunk_size = _validate(query, key, value, mask, bias, scale, chunk_size,
-                                      enable_gqa)
+    xp, scale, chunk_size, variants = _validate(
+        query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
+        softcap, cu_seqlens_q, cu_seqlens_k)
     is_causal = check_flag("is_causal", is_causal)
     out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
         scale=scale, return_weights=False, return_stats=True,
-        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
+        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp, variants=variants,
     )
 
     def backward(grad_out: Array) -> dict[str, Array]:
         check_grad(grad_out, out, xp=xp, name="grad_out")
         dq, dk, dv, dbias = attend_backward(
             query, key, value, out, stats, grad_out, mask=mask, key_keep=None, bias=bias,
-            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp)
+            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp,
+            variants=variants)
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:
             grads["bias"] = dbias

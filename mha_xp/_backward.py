@@ -6,7 +6,10 @@ The backward recomputes the probabilities block by block,
 ``P = exp(S - m) / l``, and with ``D = rowsum(dO * O)``:
 
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),
-    dQ = scale * dS K,   dK = scale * dS^T Q,   dBias = dS,
+    dQ = scale * dS' K,   dK = scale * dS'^T Q,   dBias = dS,
+
+where ``dS' = dS`` or, with logit soft-capping ``c tanh(s / c)``,
+``dS' = dS * (1 - tanh^2)``. ALiBi slopes get no gradient.
 
 so its extra memory is one score block, linear in the sequence lengths. The
 loops run in a fixed order: repeated calls give bit-identical results.
@@ -19,7 +22,8 @@ from typing import Any
 
 from array_api_compat import device as device_of
 
-from ._chunked import block_scores, broadcast_lead, causal_key_end, probabilities
+from ._chunked import block_scores, broadcast_lead, diag_offset, probabilities
+from ._masks import Variants, key_range
 from ._lib._inplace import gated_difference, writes_in_place
 from ._lib._namespace import Array
 
@@ -83,6 +87,7 @@ def attention_backward(
     k_block: int,
     xp: ModuleType,
     in_place: bool | None = None,
+    variants: Variants | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     """Gradients of attention with respect to query, key, value and bias.
 
@@ -97,7 +102,7 @@ def attention_backward(
         in_place = writes_in_place(xp)
     L, S = query.shape[-2], key.shape[-2]
     dev = device_of(query)
-    offset = S - L
+    offset = diag_offset(L, S, variants)
     q_scaled = query * scale
     delta = xp.sum(grad_out * out, axis=-1, keepdims=True)
     m, l = (xp.expand_dims(t, axis=-1) for t in stats)
@@ -112,27 +117,29 @@ def attention_backward(
         d_i, row_stats = delta[..., rows, :], (m[..., rows, :], l[..., rows, :])
         dq = None
         bias_cols = []
-        j_end = causal_key_end(rows.stop, S, offset, is_causal)
+        j_start, j_end = key_range(rows.start, rows.stop, S, offset, is_causal, variants)
         for jb in range(n_k):
             cols = slice(jb * k_block, min((jb + 1) * k_block, S))
-            if cols.start >= j_end:  # above the causal diagonal: no gradient
+            if cols.start >= j_end or cols.stop <= j_start:  # outside the band: no gradient
                 if bias is not None:
                     bias_cols.append(_bias_zeros(bias, rows, cols, xp=xp))
                 continue
-            s = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
-                             is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp,
-                             in_place=in_place)
+            s, t = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
+                                is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp,
+                                in_place=in_place, variants=variants, return_tanh=True)
             p = probabilities(s, row_stats, xp=xp, in_place=in_place)
             k_j, v_j = key[..., cols, :], value[..., cols, :]
             dv = xp.matmul(xp.matrix_transpose(p), do)
             ds = gated_difference(xp.matmul(do, xp.matrix_transpose(v_j)), d_i, p, xp=xp,
                                   in_place=in_place)
+            bias_cols.append(None if bias is None else _bias_block(ds, tuple(bias.shape), xp=xp))
+            if t is not None:  # through the soft-cap: d(c tanh(s / c))/ds = 1 - tanh^2
+                ds = ds * (1.0 - t * t)
             dk = xp.matmul(xp.matrix_transpose(ds), q)  # q is already scaled
             dq_j = xp.matmul(ds, k_j)
             dq = dq_j if dq is None else dq + dq_j
             dk_parts[jb] = dk if dk_parts[jb] is None else dk_parts[jb] + dk
             dv_parts[jb] = dv if dv_parts[jb] is None else dv_parts[jb] + dv
-            bias_cols.append(None if bias is None else _bias_block(ds, tuple(bias.shape), xp=xp))
         if dq is None:
             dq = xp.zeros(query.shape[:-2] + (rows.stop - rows.start, query.shape[-1]),
                           dtype=query.dtype, device=dev)

@@ -16,8 +16,10 @@ from ._lib._namespace import (
 )
 
 __all__ = [
+    "check_alibi_slopes",
     "check_bias",
     "check_chunk_size",
+    "check_cu_seqlens",
     "check_dtype",
     "check_flag",
     "check_gqa",
@@ -28,6 +30,8 @@ __all__ = [
     "check_scale",
     "check_sdpa_shapes",
     "check_seed",
+    "check_softcap",
+    "check_window",
 ]
 
 MASK_MEANING = "True means 'may attend'"
@@ -269,3 +273,79 @@ def check_gqa(query: Array, key: Array, value: Array, enable_gqa: Any) -> tuple[
             f"({hq} % {hkv} = {hq % hkv})"
         )
     return hkv, hq // hkv
+
+
+def check_window(window: Any) -> tuple[int, int] | None:
+    """``window``: None or ``(left, right)`` ints, a negative one meaning unbounded (-1)."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(
+            f"window must be None or a pair of ints (left, right), got "
+            f"{type(window).__name__} {window!r}"
+        )
+    for side in window:
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral):
+            raise TypeError(
+                f"window must be a pair of ints (left, right), -1 for unbounded, got {window!r}"
+            )
+    left, right = (int(side) if side >= 0 else -1 for side in window)
+    return left, right
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """``softcap``: None or a positive finite Python number."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(
+            f"softcap must be a positive finite Python float or None, got {type(softcap).__name__}"
+        )
+    cap = float(softcap)  # drops NumPy scalars, which would up-cast float32 (NEP 50)
+    if not (math.isfinite(cap) and cap > 0.0):
+        raise ValueError(f"softcap must be a positive finite number (or None), got {softcap}")
+    return cap
+
+
+def check_alibi_slopes(slopes: Any, dtype: Any, target: tuple[int, ...], xp: ModuleType) -> None:
+    """ALiBi slopes: an array of shape ``(H,)`` or ``(B, H)`` (the query heads
+    and batch of the scores ``target``), of the inputs' dtype or float32."""
+    require_real_floating("alibi_slopes", slopes, xp)
+    if slopes.dtype not in (dtype, xp.float32):
+        raise TypeError(
+            f"alibi_slopes has dtype {dtype_name(slopes.dtype)}; it must be float32 or the "
+            f"inputs' dtype {dtype_name(dtype)}"
+        )
+    shape, lead = tuple(slopes.shape), target[:-2]
+    ok = slopes.ndim in (1, 2) and len(lead) >= slopes.ndim and all(
+        s in (1, t) for s, t in zip(reversed(shape), reversed(lead)))
+    if not ok:
+        raise ValueError(
+            f"alibi_slopes must have shape (H,) or (B, H) for the query heads H and batch B, "
+            f"i.e. broadcast to {lead[-2:] if len(lead) >= 2 else lead}, got shape {shape}"
+        )
+
+
+def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
+                     check_values: bool) -> None:
+    """Cumulative sequence lengths: 1-d integer ``(N + 1,)``, from 0 to ``length``,
+    non-decreasing. The values are read only when ``check_values`` (host
+    arrays: reading them costs no device synchronisation or computation)."""
+    if xp.isdtype(cu.dtype, "bool") or not xp.isdtype(cu.dtype, "integral"):
+        raise TypeError(f"{name} must be an integer array, got dtype {dtype_name(cu.dtype)}")
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        raise ValueError(
+            f"{name} must be 1-d of shape (N + 1,) with N >= 1 sequences, got shape "
+            f"{tuple(cu.shape)}"
+        )
+    if not check_values:
+        return
+    first, last = int(cu[0]), int(cu[-1])
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {first}")
+    if last != length:
+        raise ValueError(
+            f"{name} must end at the length of the packed axis (-2), {length}, got {last}"
+        )
+    if not bool(xp.all(cu[1:] >= cu[:-1])):
+        raise ValueError(f"{name} must be non-decreasing (cumulative lengths)")

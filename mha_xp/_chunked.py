@@ -18,13 +18,15 @@ from typing import Any
 
 from array_api_compat import device as device_of
 
-from ._lib._inplace import add_into, divide_into, shifted_exp, writes_in_place
+from ._lib._inplace import add_into, divide_into, shifted_exp, softcap_into, writes_in_place
+from ._masks import Variants, combine, key_range, positional
 from ._lib._namespace import Array
 
 __all__ = [
     "block_scores",
     "broadcast_lead",
     "causal_key_end",
+    "diag_offset",
     "chunked_attention",
     "chunked_weights",
     "lse_from_stats",
@@ -36,12 +38,15 @@ __all__ = [
 
 def slice_block(x: Array | None, rows: slice, cols: slice) -> Array | None:
     """The ``(rows, cols)`` block of an array broadcastable to ``(..., L, S)``
-    and at least 2-D. An axis of size 1 (broadcast) is kept whole."""
+    and at least 2-D. An axis of size 1 (broadcast) is kept whole, and so is
+    an axis the block covers entirely (no copy on libraries that copy slices)."""
     if x is None:
         return None
-    r = rows if x.shape[-2] != 1 else slice(None)
-    c = cols if x.shape[-1] != 1 else slice(None)
-    return x[..., r, c]
+    whole_r = x.shape[-2] == 1 or (rows.start == 0 and rows.stop == x.shape[-2])
+    whole_c = x.shape[-1] == 1 or (cols.start == 0 and cols.stop == x.shape[-1])
+    if whole_r and whole_c:
+        return x
+    return x[..., rows if not whole_r else slice(None), cols if not whole_c else slice(None)]
 
 
 def block_scores(
@@ -58,25 +63,43 @@ def block_scores(
     offset: int,
     xp: ModuleType,
     in_place: bool = False,
-) -> Array:
-    """Scores of the query block ``q`` (already scaled) against keys ``cols``,
-    with ``-inf`` where the block's mask, padding or causal triangle forbid."""
-    s = xp.matmul(q, xp.matrix_transpose(key[..., cols, :]))
+    variants: Variants | None = None,
+    return_tanh: bool = False,
+) -> Array | tuple[Array, Array | None]:
+    """Scores of the query block ``q`` (already scaled) against keys ``cols``:
+    soft-capped, plus ``bias`` and ALiBi, with ``-inf`` where the block's
+    mask, padding, causal triangle, window or packed sequences forbid.
+
+    Every path (dense, chunked, backward, a Dask task) computes its scores
+    here. ``rows`` and ``cols`` are the block's indices; the positions of its
+    entries come from :func:`~mha_xp._masks.positional`. With
+    ``return_tanh=True`` also returns ``tanh(s / softcap)`` (None without
+    soft-capping), which the backward needs.
+    """
+    s = xp.matmul(q, xp.matrix_transpose(key[..., cols, :] if cols.stop - cols.start
+                                         != key.shape[-2] else key))
+    cap = None if variants is None else variants.softcap
+    t = None
+    if cap is not None:
+        if return_tanh:  # kept apart from s: the backward needs it
+            t = xp.tanh(s / cap)
+            s = t * cap
+        else:
+            s = softcap_into(s, cap, xp=xp, in_place=in_place)
     if bias is not None:
         s = add_into(s, slice_block(bias, rows, cols), xp=xp, in_place=in_place)
     allowed = slice_block(mask, rows, cols)
     if key_keep is not None:
-        keep = key_keep[..., cols]
+        keep = key_keep if cols.stop - cols.start == key_keep.shape[-1] else key_keep[..., cols]
         allowed = keep if allowed is None else xp.logical_and(allowed, keep)
-    if is_causal and cols.stop - 1 > rows.start + offset:  # the block crosses the diagonal
-        dev = device_of(q)
-        i = xp.arange(rows.start, rows.stop, device=dev)
-        j = xp.arange(cols.start, cols.stop, device=dev)
-        tri = xp.expand_dims(i + offset, axis=1) >= xp.expand_dims(j, axis=0)
-        allowed = tri if allowed is None else xp.logical_and(allowed, tri)
-    if allowed is None:
-        return s
-    return xp.where(allowed, s, xp.asarray(-math.inf, dtype=s.dtype, device=device_of(s)))
+    where, alibi = positional(rows, cols, offset=offset, is_causal=is_causal,
+                              variants=variants, dtype=s.dtype, xp=xp, device=device_of(q))
+    if alibi is not None:
+        s = add_into(s, alibi, xp=xp, in_place=in_place)
+    allowed = combine(allowed, where, xp=xp)
+    if allowed is not None:
+        s = xp.where(allowed, s, xp.asarray(-math.inf, dtype=s.dtype, device=device_of(s)))
+    return (s, t) if return_tanh else s
 
 
 def causal_key_end(i1: int, S: int, offset: int, is_causal: bool) -> int:
@@ -99,6 +122,7 @@ def chunked_attention(
     k_block: int,
     xp: ModuleType,
     in_place: bool | None = None,
+    variants: Variants | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
     """Blocked attention on validated, already up-cast inputs.
 
@@ -123,6 +147,9 @@ def chunked_attention(
     in_place : bool, optional
         Overwrite score blocks in place (default: where the backend allows;
         False forces the portable path).
+    variants : Variants, optional
+        Window, soft-capping, ALiBi and packed sequences
+        (:class:`~mha_xp._masks.Variants`).
 
     Returns
     -------
@@ -140,7 +167,7 @@ def chunked_attention(
     neg_inf = xp.asarray(-math.inf, dtype=dtype, device=dev)
     zero = xp.asarray(0.0, dtype=dtype, device=dev)
     one = xp.asarray(1.0, dtype=dtype, device=dev)
-    offset = S - L  # bottom-right alignment: query i sees keys j <= i + offset
+    offset = diag_offset(L, S, variants)  # bottom-right alignment: query i sees keys j <= i + offset
     query = query * scale  # once per query, not once per score
     if in_place is None:
         in_place = writes_in_place(xp)
@@ -151,14 +178,14 @@ def chunked_attention(
         rows = slice(i0, i1)
         q = query[..., rows, :]
         m = l = acc = None
-        # With is_causal, key blocks beyond the last row's diagonal are skipped.
-        j_end = causal_key_end(i1, S, offset, is_causal)
-        for j0 in range(0, j_end, k_block):
+        # Key blocks beyond the causal diagonal or outside the window are skipped.
+        j_start, j_end = key_range(i0, i1, S, offset, is_causal, variants)
+        for j0 in range(j_start, j_end, k_block):
             j1 = min(j0 + k_block, j_end)
             cols = slice(j0, j1)
             s = block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias,
                              is_causal=is_causal, rows=rows, cols=cols, offset=offset, xp=xp,
-                             in_place=in_place)
+                             in_place=in_place, variants=variants)
             block_max = xp.max(s, axis=-1, keepdims=True)
             m_new = block_max if m is None else xp.maximum(m, block_max)
             # A row with nothing allowed yet has max -inf: shift by 0 so exp gives 0.
@@ -173,7 +200,7 @@ def chunked_attention(
                 acc = alpha * acc + pv
             m = m_new
         rows_lead = lead + (i1 - i0,)
-        if m is None:  # every key block lies above the diagonal: nothing to attend to
+        if m is None:  # every key block lies outside the diagonal band: nothing to attend to
             outs.append(xp.zeros(rows_lead + (value.shape[-1],), dtype=dtype, device=dev))
             maxes.append(xp.zeros(rows_lead, dtype=dtype, device=dev))
             sums.append(xp.zeros(rows_lead, dtype=dtype, device=dev))
@@ -185,6 +212,13 @@ def chunked_attention(
     if len(outs) == 1:
         return outs[0], (maxes[0], sums[0])
     return xp.concat(outs, axis=-2), (xp.concat(maxes, axis=-1), xp.concat(sums, axis=-1))
+
+
+def diag_offset(L: int, S: int, variants: Variants | None) -> int:
+    """``diag(0)``: the key bottom-right aligned with the first query row."""
+    if variants is not None and variants.offset is not None:
+        return variants.offset
+    return S - L
 
 
 def lse_from_stats(stats: tuple[Array, Array], /, *, xp: ModuleType) -> Array:
@@ -254,12 +288,13 @@ def chunked_weights(
     k_block: int,
     xp: ModuleType,
     in_place: bool | None = None,
+    variants: Variants | None = None,
 ) -> Array:
     """The attention weights ``exp(s - m) / l``, recomputed block by block
     from the forward's row statistics, so that asking for them never changes
     the output. Rows with nothing to attend to are all zero."""
     L, S = query.shape[-2], key.shape[-2]
-    offset = S - L
+    offset = diag_offset(L, S, variants)
     query = query * scale
     if in_place is None:
         in_place = writes_in_place(xp)
@@ -272,7 +307,7 @@ def chunked_weights(
             probabilities(
                 block_scores(q, key, mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
                              rows=rows, cols=slice(j0, min(j0 + k_block, S)), offset=offset,
-                             xp=xp, in_place=in_place),
+                             xp=xp, in_place=in_place, variants=variants),
                 row_stats, xp=xp, in_place=in_place)
             for j0 in range(0, S, k_block)
         ]

@@ -1,13 +1,191 @@
-"""Masks built from index arithmetic, never from user-sized Python loops."""
+"""Masks built from index arithmetic, never from user-sized Python loops.
+
+Everything that depends on where a score sits, rather than on its value (the
+causal triangle, the sliding window, the sequences of a packed batch, the
+ALiBi distance), is computed here from the *global* query and key indices
+of a block (:func:`block_indices`), so that a block of any path (dense,
+chunked, backward, a Dask task) gets the same answer.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from ._checks import check_positive_int
 from ._lib._namespace import Array
 
-__all__ = ["causal_mask", "combine"]
+__all__ = [
+    "Variants",
+    "alibi_slopes",
+    "block_indices",
+    "causal_mask",
+    "combine",
+    "key_range",
+    "positional",
+    "rel_bounds",
+]
+
+
+@dataclass(frozen=True)
+class Variants:
+    """The score-level variants of one attention call, validated.
+
+    Positions are measured by ``rel = diag(i) - j``, the distance of key ``j``
+    left of query ``i``'s diagonal, where ``diag(i)`` is the key bottom-right
+    aligned with query ``i``: ``i + offset`` (``offset = S - L`` unless given,
+    and shifted for a block of rows that does not start at 0), or, for packed
+    sequences with different query and key boundaries, ``q_diag[i]``.
+
+    Attributes
+    ----------
+    window : (int, int) or None
+        ``(left, right)``: keys with ``-right <= rel <= left`` are seen; a
+        negative entry is unbounded.
+    softcap : float or None
+        Scores ``s -> softcap * tanh(s / softcap)`` before any bias.
+    neg_slopes : array or None
+        Minus the ALiBi slopes, broadcastable to the leading (batch, head)
+        shape followed by ``(1, 1)``, in the compute dtype; adds
+        ``neg_slopes * |rel|``.
+    q_seg, k_seg : array or None
+        The sequence of each query ``(L,)`` and key ``(S,)`` of a packed batch.
+    q_diag : array or None
+        ``diag(i)`` per query ``(L,)``, when it is not ``i + offset``.
+    offset : int or None
+        ``diag(0)`` of the rows at hand (default ``S - L``).
+    """
+
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    neg_slopes: Array | None = None
+    q_seg: Array | None = None
+    k_seg: Array | None = None
+    q_diag: Array | None = None
+    offset: int | None = None
+
+    def positional(self) -> bool:
+        """Whether a mask or bias depends on the positions beyond the causal triangle."""
+        return self.window is not None or self.neg_slopes is not None or self.q_seg is not None
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """The standard ALiBi slopes for ``num_heads`` heads, as Python floats.
+
+    For ``n`` a power of two, the geometric sequence ``2**(-8 k / n)``,
+    ``k = 1 .. n``; otherwise the slopes of the closest smaller power of two
+    ``c``, followed by the first ``n - c`` of the odd-numbered slopes for
+    ``2 c`` heads (Press et al., "Train Short, Test Long", and the
+    reference implementation of the paper and BLOOM).
+
+    Parameters
+    ----------
+    num_heads : int
+        The number of (query) heads, positive.
+
+    Returns
+    -------
+    list of float
+        ``num_heads`` slopes, largest first; a plain list, so that it goes to
+        any library and device with ``xp.asarray(slopes, dtype=...,
+        device=...)`` (the attention functions also take it as it is).
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``num_heads`` that is not a positive int.
+
+    Examples
+    --------
+    >>> import mha_xp
+    >>> mha_xp.alibi_slopes(8)
+    [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+    >>> [round(s, 4) for s in mha_xp.alibi_slopes(6)]
+    [0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125]
+    """
+    n = check_positive_int("num_heads", num_heads)
+    closest = 2 ** (n.bit_length() - 1)
+    # Exact powers of two where the exponent is an integer, unlike the
+XX
+    slopes = [2.0 ** (-8.0 * (k + 1) / closest) for k in range(closest)]
+    return slopes + [2.0 ** (-4.0 * (2 * k + 1) / closest) for k in range(n - closest)]
+
+
+def rel_bounds(is_causal: bool, window: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    """``(lo, hi)``: the keys seen have ``lo <= rel <= hi`` (None: unbounded)."""
+    lo = 0 if is_causal else None
+    hi = None
+    if window is not None:
+        left, right = window
+        if right >= 0:
+            lo = -right if lo is None else max(lo, -right)
+        if left >= 0:
+            hi = left
+    return lo, hi
+
+
+def key_range(i0: int, i1: int, S: int, offset: int, is_causal: bool,
+              variants: Variants | None) -> tuple[int, int]:
+    """``(j0, j1)``: query rows ``i0 .. i1 - 1`` see no key outside
+    ``j0 <= j < j1`` (the causal triangle and the window; empty when
+    ``j0 == j1``). With per-sequence diagonals nothing is known statically."""
+    if variants is not None and variants.q_diag is not None:
+        return 0, S
+    lo, hi = rel_bounds(is_causal, None if variants is None else variants.window)
+    j1 = S if lo is None else max(0, min(S, i1 + offset - lo))
+    j0 = 0 if hi is None else max(0, min(S, i0 + offset - hi))
+    return j0, max(j0, j1)
+
+
+def block_indices(rows: slice, cols: slice, /, *, xp: ModuleType, device: Any) -> tuple[Array, Array]:
+    """The global query indices ``(rows, 1)`` and key indices ``(1, cols)`` of
+    a score block: the one place where a block's coordinates are made (a
+    counter-based random generator keyed by position starts from these)."""
+    i = xp.arange(rows.start, rows.stop, device=device)
+    j = xp.arange(cols.start, cols.stop, device=device)
+    return xp.expand_dims(i, axis=1), xp.expand_dims(j, axis=0)
+
+
+def positional(
+    rows: slice, cols: slice, /, *, offset: int, is_causal: bool, variants: Variants | None,
+    dtype: Any, xp: ModuleType, device: Any,
+) -> tuple[Array | None, Array | None]:
+    """The position-dependent part of a score block of rows ``rows`` (indices
+    counted from the first row of the call) and keys ``cols``.
+
+    Returns ``(allowed, bias)``: the "may attend" mask of the causal
+    triangle, the window and the packed sequences (None: all allowed), and
+    the ALiBi bias ``-slope * |rel|`` (None without ALiBi).
+    """
+    q_diag = None if variants is None else variants.q_diag
+    lo, hi = rel_bounds(is_causal, None if variants is None else variants.window)
+    if q_diag is None:
+        # Static diagonals: the triangle and the window only where the block crosses them.
+        rel_min = rows.start + offset - (cols.stop - 1)
+        rel_max = rows.stop - 1 + offset - cols.start
+        lo = None if lo is not None and rel_min >= lo else lo
+        hi = None if hi is not None and rel_max <= hi else hi
+    slopes = None if variants is None else variants.neg_slopes
+    segments = variants is not None and variants.q_seg is not None
+    if lo is None and hi is None and slopes is None and not segments:
+        return None, None
+    i, j = block_indices(rows, cols, xp=xp, device=device)
+    diag = i + offset if q_diag is None else xp.expand_dims(q_diag[rows], axis=1)
+    rel = diag - j
+    allowed = None
+    if lo is not None:
+        allowed = rel >= lo
+    if hi is not None:
+        allowed = combine(allowed, rel <= hi, xp=xp)
+    if segments:
+        same = (xp.expand_dims(variants.q_seg[rows], axis=1)
+                == xp.expand_dims(variants.k_seg[cols], axis=0))
+        allowed = combine(allowed, same, xp=xp)
+    bias = None
+    if slopes is not None:
+        bias = slopes * xp.abs(xp.astype(rel, dtype))
+    return allowed, bias
 
 
 def causal_mask(L: int, S: int, /, *, xp: ModuleType, device: Any) -> Array:

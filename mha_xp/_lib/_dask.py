@@ -28,6 +28,7 @@ query axes of that array instead; the chunks of the other arguments follow
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 from array_api_compat import array_namespace, device as device_of
 
 from .._config import resolve_budget
+from .._masks import Variants, key_range
 from ._namespace import Array, compute_dtype
 
 __all__ = ["attend_blocks"]
@@ -44,24 +46,30 @@ def _block_task(
     q: Array, k: Array, v: Array, rows: Any, *optional: Array,
     names: tuple[str, ...], attend: Callable[..., Any], L: int, S: int, is_causal: bool,
     scale: float, return_weights: bool, chunk_size: tuple[int, int] | None, budget: int,
+    window: tuple[int, int] | None = None, softcap: float | None = None,
 ) -> tuple[Array, ...]:
     """Attention of one block of queries against all keys: ``(out, m, l[, weights])``.
 
     ``k`` and ``v`` carry a size-1 axis where the queries have theirs (the
     query axis is a loop axis of the gufunc, the key axis a core one);
-    ``rows`` are the block's query indices.
+    ``rows`` are the block's query indices. The optional arrays are those of
+    ``names``: ``q_seg`` and ``q_diag`` run along the block's queries, the
+    others along the keys.
     """
     xp = array_namespace(q)
     k, v = k[..., 0, :, :], v[..., 0, :, :]
     opt = dict(zip(names, optional))
-    # The rows' indices (a tiny NumPy block): the causal triangle is aligned
-    # bottom-right over the *whole* query axis, i.e. row i sees keys
-    # j <= i + S - L. For this block of rows i0..i1-1 the keys from
-    # i1 + S - L on are above the diagonal for every row: drop them, and the
-    # block's own bottom-right alignment (offset = keys kept - rows) is then
-    # exactly the global one.
+    # The rows' indices (a tiny NumPy block): the causal triangle and the
+    # window are aligned bottom-right over the *whole* query axis, i.e. row i
+    # has its diagonal at key i + S - L. The block passes that global
+    # alignment on (offset = i0 + S - L for its first row), and keys from the
+    # block's last visible one on are dropped.
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
-    s_end = max(0, min(S, i1 + S - L)) if is_causal else S
+    row_opt = {n: opt.pop(n) for n in ("q_seg", "q_diag") if n in opt}
+    variants = Variants(window=window, softcap=softcap, neg_slopes=opt.pop("neg_slopes", None),
+                        q_seg=row_opt.get("q_seg"), k_seg=opt.get("k_seg"),
+                        q_diag=row_opt.get("q_diag"), offset=i0 + S - L)
+    s_end = key_range(i0, i1, S, S - L, is_causal, variants)[1]
     lead = tuple(int(n) for n in _broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
     dtype, dev = q.dtype, device_of(q)
     n_rows = i1 - i0
@@ -76,10 +84,11 @@ def _block_task(
     if s_end < S:
         k, v = k[..., :s_end, :], v[..., :s_end, :]
         opt = {n: a[..., :s_end] if a.shape[-1] != 1 else a for n, a in opt.items()}
+        variants = replace(variants, k_seg=opt.get("k_seg"))
     out, weights, (m, l) = attend(
         q, k, v, mask=opt.get("mask"), key_keep=opt.get("key_keep"), bias=opt.get("bias"),
         is_causal=is_causal, scale=scale, return_weights=return_weights, return_stats=True,
-        chunk_size=chunk_size, memory_budget=budget, xp=xp)
+        chunk_size=chunk_size, memory_budget=budget, xp=xp, variants=variants)
     if not return_weights:
         return out, m, l
     if s_end < S:
@@ -152,6 +161,7 @@ def attend_blocks(
     chunk_size: tuple[int, int] | None,
     memory_budget: int | None,
     xp: ModuleType,
+    variants: Variants | None = None,
 ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
     """``attend`` on Dask arrays, as one lazy task per block of queries.
 
@@ -179,10 +189,17 @@ def attend_blocks(
             da.arange(L, chunks=(query.chunks[-2],))]
     signature = ["(d)", "(s,d)", "(s,e)", "()"]
     names = []
-    for name, a in (("mask", _as_2d(mask)), ("key_keep", key_keep), ("bias", _as_2d(bias))):
+    v = Variants() if variants is None else variants
+    for name, a in (("mask", _as_2d(mask)), ("key_keep", key_keep), ("bias", _as_2d(bias)),
+                    ("neg_slopes", v.neg_slopes), ("k_seg", v.k_seg)):
         if a is not None:
             args.append(merge_core(a, 1))
             signature.append("(s)")
+            names.append(name)
+    for name, a in (("q_seg", v.q_seg), ("q_diag", v.q_diag)):
+        if a is not None:  # along the queries, like the rows' indices
+            args.append(a)
+            signature.append("()")
             names.append(name)
     outputs = ["(e)", "()", "()"] + (["(s)"] if return_weights else [])
     dtypes = [query.dtype, work, work] + ([query.dtype] if return_weights else [])
@@ -194,6 +211,7 @@ def attend_blocks(
         output_sizes={"s": S, "e": int(value.shape[-1])}, allow_rechunk=True,
         names=tuple(names), attend=attend, L=L, S=S, is_causal=is_causal, scale=scale,
         return_weights=return_weights, chunk_size=chunk_size, budget=budget,
+        window=v.window, softcap=v.softcap,
     )
     out, m, l = results[:3]
     weights = results[3] if return_weights else None

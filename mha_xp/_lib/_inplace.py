@@ -20,6 +20,7 @@ __all__ = [
     "divide_into",
     "gated_difference",
     "shifted_exp",
+    "softcap_into",
     "writes_in_place",
 ]
 
@@ -63,3 +64,12 @@ def gated_difference(dp: Array, d: Array, p: Array, /, *, xp: ModuleType, in_pla
         xp.subtract(dp, d, out=dp)
         return xp.multiply(dp, p, out=dp)
     return p * (dp - d)
+
+
+def softcap_into(s: Array, cap: float, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``tanh(s / cap) * cap`` (logit soft-capping), overwriting ``s`` when allowed."""
+    if in_place:
+        xp.divide(s, cap, out=s)
+        xp.tanh(s, out=s)
+        return xp.multiply(s, cap, out=s)
+    return xp.tanh(s / cap) * cap
