@@ -15,6 +15,7 @@ from ._attention import (
 from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
 from ._io import load_weights, save_weights
 from ._layer import MultiHeadAttention
+from ._masks import alibi_slopes
 from ._rotary import apply_rotary
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MultiHeadAttention",
     "__version__",
+    "alibi_slopes",
     "apply_rotary",
     "attention_vjp",
     "attention_with_lse",
