@@ -169,11 +169,15 @@ def random_words(
 ) -> Array:
     """One random 32-bit word per ``(batch*head, row, column)`` position.
 
-    The word at global position ``(b, i, j)`` under ``seed`` is the first
-    output word of Threefry-2x32 keyed by ``key_b`` on the counter ``(i, j)``,
-    where ``key_b`` is both output words of Threefry-2x32 keyed by ``seed``
-    (low 32 bits, high 32 bits) on the counter ``(b, 0)``. It depends on
-    nothing else, so any block of positions can be generated alone.
+    The word at global position ``(b, i, j)`` under ``seed`` is output word
+    ``j % 2`` of Threefry-2x32 keyed by ``key_b`` on the counter
+    ``(i, j // 2)``, where ``key_b`` is both output words of Threefry-2x32
+    keyed by ``seed`` (low 32 bits, high 32 bits) on the counter ``(b, 0)``.
+    It depends on nothing else, so any block of positions can be generated
+    alone. Each hash gives the words of two neighbouring columns: when
+    ``cols`` is a ``range`` of step 1, each pair is hashed once (half the work
+    of one hash per entry); for other ``cols``, each entry hashes its pair and
+    keeps its word.
 
     Parameters
     ----------
@@ -209,7 +213,19 @@ def random_words(
     lead = () if isinstance(batch_head_index, numbers.Integral) else tuple(b.shape)
     b = xp.reshape(b, tuple(b.shape) + (1, 1))
     kb0, kb1 = threefry2x32((seed, seed >> 32), (b, xp.zeros_like(b)))
-    words, _ = threefry2x32((kb0, kb1), (xp.reshape(i, (-1, 1)), j))
+    i = xp.reshape(i, (-1, 1))
+    if isinstance(cols, range) and cols.step == 1 and len(cols) > 0:
+        first_pair, last_pair = cols.start // 2, (cols.stop + 1) // 2
+        pairs = xp.arange(first_pair, last_pair, dtype=xp.int32, device=device)
+        y0, y1 = threefry2x32((kb0, kb1), (i, pairs))
+        # Interleave: columns 2q and 2q + 1 come from pair q.
+        shape = tuple(y0.shape)
+        words = xp.reshape(xp.stack((y0, y1), axis=-1), shape[:-1] + (2 * shape[-1],))
+        start = cols.start - 2 * first_pair
+        words = words[..., start : start + len(cols)]
+    else:
+        y0, y1 = threefry2x32((kb0, kb1), (i, j >> 1))
+        words = xp.where((j & 1) == 0, y0, y1)
     if not lead:  # an int batch_head_index: drop its axis of length 1
         words = xp.reshape(words, tuple(words.shape)[1:])
     return words
