@@ -341,12 +341,12 @@ def _variants(
         raise ValueError("cu_seqlens_k needs cu_seqlens_q (the queries' sequences)")
     if cu_seqlens_q is not None:
         same = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+        cu_q, readable = _as_index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
         if same and L != S:
             raise ValueError(
                 f"cu_seqlens_k defaults to cu_seqlens_q, which needs as many keys as queries, "
                 f"got L = {L} and S = {S}: pass cu_seqlens_k"
             )
-        cu_q, readable = _as_index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
         check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable)
         cu_k = cu_q
         if not same:
@@ -440,6 +440,40 @@ def scaled_dot_product_attention(
         copied per query head (the queries are reshaped to
         ``(..., Hkv, G, L, D)``); ``mask`` and ``bias`` refer to the query
         heads, ``(..., H, L, S)``.
+    window : (int, int), optional
+        Sliding-window (local) attention, FlashAttention's ``window_size``:
+        ``(left, right)`` aligned bottom-right, so that query ``i`` sees key
+        ``j`` iff ``i + S - L - left <= j <= i + S - L + right``; ``-1`` (any
+        negative) leaves that side unbounded. Combined with ``is_causal`` and
+        ``mask`` by logical AND; the chunked path skips the key blocks
+        outside the window.
+    alibi_slopes : array or sequence of float, optional
+        ALiBi: adds ``-slope * |i + S - L - j|`` to the scaled scores, one
+        slope per query head, shape ``(H,)``, or per batch entry and head,
+        ``(B, H)``; an array of the inputs' library, device and dtype (or
+        float32), or a list such as :func:`alibi_slopes` returns. No gradient
+        is computed for the slopes.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2, FlashAttention): the scaled scores
+        ``s`` become ``softcap * tanh(s / softcap)`` before ``bias``, ALiBi
+        and masking. Positive.
+    cu_seqlens_q : array of int or sequence of int, optional
+        Packed variable-length sequences (FlashAttention's varlen API): the
+        queries on axis -2 are ``N`` sequences one after the other, sequence
+        ``n`` taking positions ``cu_seqlens_q[n]`` to ``cu_seqlens_q[n+1]``;
+        shape ``(N + 1,)``, starting at 0, non-decreasing, ending at ``L``.
+        No query attends to a key of another sequence, and ``is_causal``,
+        ``window`` and ALiBi are aligned bottom-right within each sequence:
+        the result equals attention over each sequence on its own (a query
+        whose sequence has no key gets zeros). The sequence of every
+        position is found on the device (``searchsorted``). The values are
+        validated for NumPy, array-api-strict and CPU torch arrays; on GPU,
+        lazy (Dask) or traced (JAX) arrays reading them would synchronise or
+        compute, so there only dtype and shape are checked and invalid
+        values give undefined results.
+    cu_seqlens_k : array of int or sequence of int, optional
+        The keys' sequences, as ``cu_seqlens_q`` (ending at ``S``); default
+        ``cu_seqlens_q`` (then ``L`` must equal ``S``).
 
     Returns
     -------
@@ -455,12 +489,16 @@ def scaled_dot_product_attention(
     TypeError
         Non-array inputs, mixed array libraries, non-floating or mixed dtypes,
         a non-boolean ``mask``, a non-float ``bias``, a non-numeric ``scale``,
-        a non-bool ``enable_gqa``.
+        a non-bool ``enable_gqa``, a ``window`` that is not a pair of ints,
+        ``alibi_slopes`` of a wrong dtype, non-integer ``cu_seqlens_q`` or
+        ``cu_seqlens_k``.
     ValueError
         Arrays on different devices, wrong ranks, mismatched shapes (query
         heads that are not a multiple of the key/value heads), a mask or
-        bias that does not broadcast, a ``scale`` that is not positive and
-        finite, a bad ``chunk_size`` or ``memory_budget``.
+        bias that does not broadcast, a ``scale`` or ``softcap`` that is not
+        positive and finite, a bad ``chunk_size`` or ``memory_budget``,
+        ``alibi_slopes`` of a wrong shape, ``cu_seqlens_q``/``cu_seqlens_k``
+        that are not cumulative lengths of the packed axis.
 
     See Also
     --------
@@ -535,7 +573,9 @@ def attention_with_lse(
 
     Parameters
     ----------
-    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget, enable_gqa
+    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+        As in :func:`scaled_dot_product_attention`.
+    enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
 
     Returns
@@ -736,7 +776,9 @@ def attention_vjp(
 
     Parameters
     ----------
-    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget, enable_gqa
+    query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+        As in :func:`scaled_dot_product_attention`.
+    enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
 
     Returns

@@ -115,3 +115,31 @@ def central_differences(f, arrays, grad_out, eps=1e-6):
             g[idx] = (np.sum(f(*up) * grad_out) - np.sum(f(*down) * grad_out)) / (2 * eps)
         grads.append(g)
     return grads
+
+
+def ref_positions(L, S, *, is_causal=False, window=None, cu_q=None, cu_k=None):
+    """``(allowed (L, S), rel (L, S))`` of the definitions above, for
+    expressing the variants as a mask and bias in torch."""
+    if cu_q is not None and cu_k is None:
+        cu_k = cu_q
+    seg_q, seg_k = _segments(cu_q, L), _segments(cu_k, S)
+    allowed = np.zeros((L, S), bool)
+    rel = np.zeros((L, S))
+    for i in range(L):
+        for j in range(S):
+            if cu_q is not None:
+                (q0, lq, sq), (k0, lk, sk) = seg_q[i], seg_k[j]
+                if sq != sk:
+                    continue
+                r = (i - q0) + lk - lq - (j - k0)
+            else:
+                r = i + S - L - j
+            rel[i, j] = r
+            if is_causal and r < 0:
+                continue
+            if window is not None:
+                left, right = window
+                if (left >= 0 and r > left) or (right >= 0 and r < -right):
+                    continue
+            allowed[i, j] = True
+    return allowed, rel
