@@ -293,10 +293,59 @@ class MultiHeadAttention:
         in-projections, ``U(-1/sqrt(E), 1/sqrt(E))`` output projection, zero
         biases). The weights are drawn in float64 on the host, then cast, so
         one seed gives the same weights on every backend.
+    add_bias_kv : bool, default False
+        torch's option: learnable ``bias_k`` and ``bias_v`` of shape
+        ``(1, 1, num_kv_heads * head_dim)`` are appended to the projected keys
+        and values, one more key position that every query sees (masks and
+        ``key_padding_mask`` are extended with "may attend", as torch does).
+    add_zero_attn : bool, default False
+        torch's option: one more key and value of zeros, appended after
+        those of ``add_bias_kv``, visible to every query. Not a parameter, so
+        not in :meth:`state_dict`: pass it again to :meth:`from_state_dict`.
+    num_kv_heads : int, optional
+        Key/value heads for grouped-query attention (``1``: multi-query);
+        must divide ``num_heads``; default ``num_heads``. The key and value
+        projections then have ``num_kv_heads * head_dim`` rows
+        (``k_proj_weight``, ``v_proj_weight``, never the packed
+        ``in_proj_weight``; ``in_proj_bias`` has ``E + 2 * num_kv_heads *
+        head_dim`` entries) and query head ``h`` attends with key/value head
+        ``h // (num_heads // num_kv_heads)``, without copying keys or values
+        per query head.
+    rotary : bool, default False
+        Rotary position embeddings (RoPE, see :func:`apply_rotary`) on the
+        per-head queries and keys after projection (and normalisation).
+        Keys sit at positions ``0 .. S - 1`` and queries are aligned
+        bottom-right (query ``i`` at ``i + S - L``); with a cache, positions
+        continue from the cache's length.
+    rotary_base : float, default 10000.0
+        RoPE's base (``rope_theta``).
+    rotary_interleaved : bool, default False
+        RoPE's pairing: False rotates feature halves (GPT-NeoX, Llama), True
+        adjacent pairs (GPT-J).
+    rotary_dim : int, optional
+        Rotate only the first ``rotary_dim`` features of each head (even);
+        default all.
+    normalize_qk : bool, default False
+        Flax's QK normalisation: a bias-free LayerNorm (epsilon ``1e-6``)
+        with learnable scales ``q_norm.weight`` and ``k_norm.weight`` of shape
+        ``(head_dim,)`` (initialised to ones) on the per-head queries and
+        keys, before RoPE.
+    window : (int or None, int or None), optional
+        Sliding-window (local) attention as FlashAttention's
+        ``window_size``: query ``i`` sees keys ``j`` with
+        ``i + S - L - left <= j <= i + S - L + right``; None (or -1) leaves a
+        side unbounded. Composes with ``is_causal``.
+    alibi : bool or sequence of float, default False
+        ALiBi: True for the standard slopes of ``num_heads`` heads
+        (:func:`alibi_slopes`), or one slope per query head; adds
+        ``-slope * |i + S - L - j|`` to the scaled scores.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2): scaled scores ``s`` become
+        ``softcap * tanh(s / softcap)``, before any bias or ALiBi.
 
     Attributes
     ----------
-    embed_dim, num_heads, head_dim, kdim, vdim : int
+    embed_dim, num_heads, num_kv_heads, head_dim, kdim, vdim : int
         The layer's sizes.
     xp : module
         The weights' (array-API-compatible) namespace.
@@ -775,8 +824,14 @@ class MultiHeadAttention:
             ``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``,
             ``out_proj.bias`` (``q_proj_weight``, ``k_proj_weight``,
             ``v_proj_weight`` in place of ``in_proj_weight`` when
-            ``kdim``/``vdim`` differ from ``embed_dim``; no biases with
-            ``bias=False``). The arrays are the layer's own, not copies, as in
+            ``kdim``/``vdim`` differ from ``embed_dim`` or ``num_kv_heads``
+            from ``num_heads``, the key and value ones then of
+            ``num_kv_heads * head_dim`` rows; no biases with ``bias=False``),
+            then ``bias_k``, ``bias_v`` with ``add_bias_kv`` (after
+            ``in_proj_bias``, in torch's order), and ``q_norm.weight``,
+            ``k_norm.weight`` with ``normalize_qk``. Options that are not
+            parameters (``add_zero_attn``, RoPE, window, ALiBi, softcap) are
+            not included. The arrays are the layer's own, not copies, as in
             torch.
 
         Examples
@@ -914,7 +969,8 @@ class MultiHeadAttention:
             Float array added to the scaled scores, broadcastable to
             ``(B, H, L, S)``, with the layer's dtype.
         is_causal : bool, default False
-            Bottom-right causal mask: query ``i`` sees keys ``j <= i + S - L``.
+            Bottom-right causal mask: query ``i`` sees keys ``j <= i + S - L``
+            (keys appended by ``add_bias_kv``/``add_zero_attn`` stay visible).
         return_weights : bool, default False
             Also return the attention weights.
         average_weights : bool, default True
@@ -927,6 +983,14 @@ class MultiHeadAttention:
             Bytes the dense ``(B, H, L, S)`` score tensor may take before the
             chunked path (memory linear in ``L`` and ``S``) is used instead;
             default :func:`get_memory_budget`.
+        cache : KVCache, optional
+            Incremental decoding (self-attention only, with
+            ``is_causal=True``; no ``key``, ``value``, masks or bias): the
+            query's keys and values are written into the cache after those
+            already there, and the query attends causally to all of them.
+            Make one with :meth:`init_cache`. Prefill, single steps and
+            chunks of any size give the outputs of causal self-attention over
+            the whole sequence.
 
         Returns
         -------
@@ -937,6 +1001,12 @@ class MultiHeadAttention:
         weights : array
             Only with ``return_weights=True``: ``(B, L, S)`` averaged, or
             ``(B, H, L, S)`` per head; no batch axis for unbatched inputs.
+            With ``add_bias_kv``/``add_zero_attn`` the appended keys are the
+            last columns (as in torch); with a cache, ``S`` is its
+            ``max_length``.
+        cache : KVCache
+            Only with ``cache``: the cache holding this call's keys and
+            values too (the one passed in is unchanged).
 
         Raises
         ------
@@ -1061,7 +1131,8 @@ class MultiHeadAttention:
         Parameters
         ----------
         query, key, value, key_padding_mask, mask, bias, is_causal, chunk_size, memory_budget
-            As in :meth:`__call__`.
+            As in :meth:`__call__` (no cache: gradients are for training on
+            whole sequences).
 
         Returns
         -------
@@ -1075,7 +1146,8 @@ class MultiHeadAttention:
             when given; an argument that defaulted to another, as in
             self-attention, adds its gradient to that one's), ``"bias"`` when
             a bias was passed, and every parameter under its
-            :meth:`state_dict` name.
+            :meth:`state_dict` name (``bias_k``, ``bias_v``,
+            ``q_norm.weight``, ``k_norm.weight`` included).
 
         Raises
         ------

@@ -265,3 +265,92 @@ class TestGroupedQuery:
         with pytest.raises(ValueError, match="num_kv_heads=4 does not match"):
             MHA.from_state_dict(layer.state_dict(), num_heads=4, num_kv_heads=4)
         assert "num_kv_heads=2" in repr(layer)
+
+
+class TestKVCache:
+    """Prefill, one-token steps and chunked prefill equal full causal attention."""
+
+    @pytest.mark.parametrize("options", [
+        dict(),
+        dict(num_kv_heads=2, rotary=True),
+        dict(num_kv_heads=1, rotary=True, rotary_interleaved=True, add_bias_kv=True),
+    ], ids=["plain", "gqa-rotary", "mqa-rotary-interleaved-bias_kv"])
+    def test_decoding_equals_full_causal(self, backend, dtype, rng, options):
+        base = MHA(16, 4, seed=7, **options)
+        sd = _random_biases(base, rng)
+        extra = {k: v for k, v in options.items() if k.startswith("rotary")}
+        layer = _to_backend(MHA.from_state_dict(sd, num_heads=4, **extra), backend, dtype)
+        x = rng.standard_normal((2, 9, 16))
+        full = backend.to_numpy(layer(backend.asarray(x, dtype), is_causal=True))
+        cache = layer.init_cache(batch_size=2, max_length=12)
+        assert_preserved(backend, cache.key, dtype, (2, layer.num_kv_heads, 12, 4))
+        pieces = []
+        # prefill 4, two single steps, a chunk of 3 (chunked prefill)
+        for a, b in ((0, 4), (4, 5), (5, 6), (6, 9)):
+            y, cache = layer(backend.asarray(x[:, a:b], dtype), cache=cache, is_causal=True)
+            assert_preserved(backend, y, dtype, (2, b - a, 16))
+            pieces.append(backend.to_numpy(y))
+        assert int(backend.to_numpy(cache.length)) == 9
+        stepped = np.concatenate(pieces, axis=1)
+        assert rel_err(stepped, full) <= (1e-6 if dtype == "float32" else 1e-13)
+        if not options.get("add_bias_kv"):
+            t = {n: torch.tensor(w) for n, w in sd.items()}
+            rotary = (10000.0, options.get("rotary_interleaved", False)) if options.get("rotary") else None
+            ref = _torch_layer(t, torch.tensor(x), 4, causal=True, rotary=rotary).numpy()
+            assert_close(stepped, ref, dtype)
+
+    def test_weights_and_unbatched(self, rng):
+        layer = MHA(8, 2, seed=3)
+        x = rng.standard_normal((5, 8))
+        cache = layer.init_cache(1, 6)
+        y, w, cache = layer(x[:3], cache=cache, is_causal=True, return_weights=True)
+        assert y.shape == (3, 8) and w.shape == (3, 6)
+        assert np.all(w[:, 3:] == 0) and np.allclose(w.sum(-1), 1)
+        y2, cache = layer(x[3:], cache=cache, is_causal=True)
+        assert rel_err(np.concatenate([y, y2]), layer(x, is_causal=True)) <= 1e-13
+
+    def test_cache_is_not_modified(self, rng):
+        layer = MHA(8, 2, seed=3)
+        x = rng.standard_normal((1, 4, 8))
+        c0 = layer.init_cache(1, 4)
+        _, c1 = layer(x[:, :2], cache=c0, is_causal=True)
+        k1 = np.array(c1.key)
+        _, c2a = layer(x[:, 2:3], cache=c1, is_causal=True)
+        _, c2b = layer(x[:, 3:4], cache=c1, is_causal=True)  # branch from the same cache
+        assert np.array_equal(c1.key, k1) and int(c1.length) == 2 and not np.any(c0.key)
+        assert not np.array_equal(c2a.key, c2b.key)
+
+    def test_one_step_under_jax_jit(self, rng):
+        jax = pytest.importorskip("jax", reason="optional backend jax not installed")
+        jax.config.update("jax_enable_x64", True)
+        jnp = jax.numpy
+        layer = MHA(16, 4, num_kv_heads=2, rotary=True, seed=8)
+        x = rng.standard_normal((2, 6, 16))
+        full = layer(x, is_causal=True)
+        lj = layer.to(xp=jnp)
+        step = jax.jit(lambda xs, c: lj(xs, cache=c, is_causal=True))
+        cache, pieces = lj.init_cache(2, 8), []
+        y, cache = lj(jnp.asarray(x[:, :2]), cache=cache, is_causal=True)
+        pieces.append(np.asarray(y))
+        for t in range(2, 6):
+            y, cache = step(jnp.asarray(x[:, t:t + 1]), cache)
+            pieces.append(np.asarray(y))
+        assert step._cache_size() == 1  # one compilation serves every position
+        assert rel_err(np.concatenate(pieces, axis=1), full) <= 1e-13
+
+    def test_errors(self, rng):
+        layer = MHA(8, 2, seed=0)
+        x = rng.standard_normal((2, 3, 8))
+        cache = layer.init_cache(2, 4)
+        with pytest.raises(ValueError, match="pass is_causal=True"):
+            layer(x, cache=cache)
+        with pytest.raises(ValueError, match="self-attention"):
+            layer(x, x, cache=cache, is_causal=True)
+        with pytest.raises(ValueError, match="key_padding_mask is not supported with a cache"):
+            layer(x, cache=cache, is_causal=True, key_padding_mask=np.zeros((2, 3), dtype=bool))
+        with pytest.raises(ValueError, match=r"cache.key must have shape \(B, num_kv_heads"):
+            layer(x[:1], cache=cache, is_causal=True)
+        with pytest.raises(ValueError, match="at most max_length = 2"):
+            layer(x, cache=layer.init_cache(2, 2), is_causal=True)
+        with pytest.raises(TypeError, match="cache must be a KVCache"):
+            layer(x, cache=(1, 2), is_causal=True)
