@@ -193,8 +193,8 @@ def random_words(
     xp : module
         The array-API-compatible namespace.
     device : optional
-        Where the int and range indices are created (the arrays' own device
-        otherwise).
+        Where the int and range indices are created; by default on the
+        device of the index arrays given, if any, else the default device.
 
     Returns
     -------
@@ -202,6 +202,10 @@ def random_words(
         int32 of shape ``lead + (n, m)``, two's complement of the uint32 words.
     """
     seed = _check_seed64(seed)
+    if device is None:  # ranges go where the array indices are
+        device = next(
+            (array_device(v) for v in (batch_head_index, rows, cols) if hasattr(v, "shape")), None
+        )
     b = _index("batch_head_index", batch_head_index, xp, device)
     i = _index("rows", rows, xp, device)
     j = _index("cols", cols, xp, device)
@@ -266,7 +270,8 @@ def dropout_keep(
     xp : module
         The array-API-compatible namespace.
     device : optional
-        Where the int and range indices are created.
+        Where the int and range indices are created; by default on the
+        device of the index arrays given, if any.
 
     Returns
     -------

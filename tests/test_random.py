@@ -196,6 +196,11 @@ def test_device_and_namespace_preserved(backend):
     assert device(keep) == device(ref)
     assert keep.dtype == backend.cxp.bool
     backend.to_numpy(keep)  # and, on Dask, still lazy
+    # Without device=, ranges follow the index arrays given.
+    rows = backend.asarray(np.arange(3), "int64")
+    keep2 = dropout_keep(1, range(2), rows, range(4), 0.5, xp=backend.cxp)
+    assert device(keep2) == device(ref)
+    np.testing.assert_array_equal(backend.to_numpy(keep2), backend.to_numpy(keep))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
