@@ -14,7 +14,8 @@ from array_api_compat import array_namespace, device as device_of, is_array_api_
 from ._attention import attend, attend_backward
 from ._backward import unbroadcast
 from ._cache import KVCache
-from ._masks import combine
+from ._masks import Variants, alibi_slopes, combine
+from ._norm import qk_layer_norm, qk_layer_norm_backward
 from ._checks import (
     check_bias,
     check_chunk_size,
@@ -28,6 +29,7 @@ from ._checks import (
 from ._lib._namespace import (
     Array,
     common_namespace,
+    compute_dtype,
     convert,
     dtype_name,
     lib_name,
@@ -102,31 +104,8 @@ def _split_heads(x: Array, num_heads: int, xp: ModuleType) -> Array:
     return xp.permute_dims(xp.reshape(x, (B, L, num_heads, E // num_heads)), (0, 2, 1, 3))
 
 
-# Whether attend takes window= and alibi_slopes= itself (bottom-right aligned).
-_CORE_POSITIONS = False
 # Flax's LayerNorm epsilon, for normalize_qk.
 _NORM_EPS = 1e-6
-
-
-def _core_options(core: dict[str, Any], softcap: float | None) -> dict[str, Any]:
-    """The keywords of :func:`attend` for the window, ALiBi slopes and
-    soft-capping the core applies itself."""
-    kw: dict[str, Any] = {}
-    if softcap is not None:
-        kw["softcap"] = softcap
-    return kw
-
-
-def qk_layer_norm(x: Array, weight: Array, *, eps: float) -> Array:
-    from ._norm import qk_layer_norm as f
-
-    return f(x, weight, eps=eps)
-
-
-def qk_layer_norm_backward(x: Array, weight: Array, grad: Array, *, eps: float) -> tuple[Array, Array]:
-    from ._norm import qk_layer_norm_backward as f
-
-    return f(x, weight, grad, eps=eps)
 
 
 def _pad_last(x: Array, S: int, n: int, fill: Any, xp: ModuleType) -> Array:
@@ -149,17 +128,6 @@ def _make_options(options: Mapping[str, Any]) -> _Options:
         raise TypeError(f"unexpected option(s) {sorted(unknown)}; the layer's options are "
                         f"{sorted(known)}")
     return _Options(**options)
-
-
-def _alibi_standard(num_heads: int) -> tuple[float, ...]:
-    """The ALiBi slopes of Press et al. for ``num_heads`` heads: the geometric
-    sequence ``2**(-8 h / n)`` for the nearest power of two ``n``, and for the
-    remaining heads every other slope of the sequence for ``2 n``."""
-    def powers(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
-
-    n = 2 ** int(math.floor(math.log2(num_heads)))
-    return tuple(powers(n) + powers(2 * n)[0::2][: num_heads - n])
 
 
 @dataclass(frozen=True)
@@ -219,7 +187,7 @@ class _Options:
         if alibi is None or alibi is False:
             set_("alibi", None)
         elif alibi is True:
-            set_("alibi", _alibi_standard(num_heads))
+            set_("alibi", tuple(alibi_slopes(num_heads)))
         else:
             try:
                 slopes = tuple(float(a) for a in alibi)
@@ -1290,8 +1258,8 @@ class MultiHeadAttention:
         q_in, k_in, v = self._project(query, key, value)
         q, k = q_in, k_in
         if "q_norm.weight" in p:
-            q = qk_layer_norm(q, p["q_norm.weight"], eps=_NORM_EPS)
-            k = qk_layer_norm(k, p["k_norm.weight"], eps=_NORM_EPS)
+            q = qk_layer_norm(q, p["q_norm.weight"], eps=_NORM_EPS, xp=xp)
+            k = qk_layer_norm(k, p["k_norm.weight"], eps=_NORM_EPS, xp=xp)
         # Positions: bottom-right aligned (query i sits at key position
         # i + S - L), and continuing from the cache's length when decoding.
         start = (S - L) if cache is None else cache.length
@@ -1301,7 +1269,7 @@ class MultiHeadAttention:
             q = self._rotate(q, pos_q, inverse=False)
             k = self._rotate(k, pos_k, inverse=False)
         mask, bias, causal = call.mask, call.bias, is_causal
-        core = dict(window=o.window, alibi=o.alibi)
+        positional = o.window is not None or o.alibi is not None
         n_extra = ("bias_k" in p) + o.add_zero_attn
         if cache is not None:
             cache = cache.append(k, v)
@@ -1310,22 +1278,23 @@ class MultiHeadAttention:
             keys = xp.arange(S, device=dev)
             pos_mask, pos_bias = self._position_terms(pos_q, keys, valid=keys < cache.length,
                                                       causal=True)
-            mask, bias, causal, core = pos_mask, pos_bias, False, {}
-        elif n_extra or (not _CORE_POSITIONS and (o.window is not None or o.alibi is not None)):
+            mask, bias, causal, positional = pos_mask, pos_bias, False, False
+        elif n_extra and (causal or positional):
             # The core aligns its causal/window/ALiBi terms to the last key; the
             # appended keys of add_bias_kv/add_zero_attn must stay outside
             # them (visible to every query, as in torch): build them here.
             pos_mask, pos_bias = self._position_terms(pos_q, pos_k, valid=None, causal=causal)
             mask = combine(mask, pos_mask, xp=xp)
             bias = pos_bias if bias is None else (bias if pos_bias is None else bias + pos_bias)
-            causal, core = False, {}
+            causal, positional = False, False
         if n_extra:
             k, v = self._append_extras(k, v, B)
             mask = None if mask is None else _pad_last(mask, S, n_extra, True, xp)
             bias = None if bias is None else _pad_last(bias, S, n_extra, 0.0, xp)
             key_keep = None if key_keep is None else _pad_last(key_keep, S, n_extra, True, xp)
         core_kw = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=causal,
-                       scale=1.0 / math.sqrt(self.head_dim), **_core_options(core, o.softcap))
+                       scale=1.0 / math.sqrt(self.head_dim),
+                       variants=self._variants(positional))
         heads, weights, stats = attend(
             q, k, v, return_weights=return_weights, return_stats=residuals,
             chunk_size=call.chunk_size, memory_budget=memory_budget, xp=xp, **core_kw)
@@ -1339,6 +1308,21 @@ class MultiHeadAttention:
                        heads=heads, stats=stats, merged=merged, core_kw=core_kw,
                        pos_q=pos_q, pos_k=pos_k, n_extra=n_extra, S=S)
         return out, weights, res, cache
+
+    def _variants(self, positional: bool) -> Variants | None:
+        """What the core applies itself: soft-capping always, the window and
+        ALiBi when ``positional`` (aligned bottom-right to the keys given)."""
+        o, xp = self._options, self._xp
+        window = neg_slopes = None
+        if positional and o.window is not None:
+            window = tuple(-1 if n is None else n for n in o.window)
+        if positional and o.alibi is not None:
+            work = compute_dtype(self._dtype, xp)
+            neg_slopes = xp.reshape(-xp.asarray(o.alibi, dtype=work, device=self._device),
+                                    (self.num_heads, 1, 1))
+        if window is None and neg_slopes is None and o.softcap is None:
+            return None
+        return Variants(window=window, softcap=o.softcap, neg_slopes=neg_slopes)
 
     def _position_terms(
         self, pos_q: Array, pos_k: Array, *, valid: Array | None, causal: bool,
@@ -1421,9 +1405,9 @@ class MultiHeadAttention:
             dk = self._rotate(dk, res["pos_k"], inverse=True)
         if "q_norm.weight" in p:
             dq, grads["q_norm.weight"] = qk_layer_norm_backward(
-                res["q_in"], p["q_norm.weight"], dq, eps=_NORM_EPS)
+                dq, res["q_in"], p["q_norm.weight"], eps=_NORM_EPS, xp=xp)
             dk, grads["k_norm.weight"] = qk_layer_norm_backward(
-                res["k_in"], p["k_norm.weight"], dk, eps=_NORM_EPS)
+                dk, res["k_in"], p["k_norm.weight"], eps=_NORM_EPS, xp=xp)
         inputs = (call.query, res["key"], res["value"])
         d_in, d_w, d_b = [], [], []
         for d, x, w in zip((dq, dk, dv), inputs, self._in_weights()):

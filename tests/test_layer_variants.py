@@ -354,3 +354,121 @@ class TestKVCache:
             layer(x, cache=layer.init_cache(2, 2), is_causal=True)
         with pytest.raises(TypeError, match="cache must be a KVCache"):
             layer(x, cache=(1, 2), is_causal=True)
+
+
+# (layer options, _torch_layer options) of the combinations tested
+_VARIANTS = {
+    "rotary": (dict(rotary=True, rotary_base=500.0), dict(rotary=(500.0, False))),
+    "rotary-gptj-partial": (dict(rotary=True, rotary_interleaved=True, rotary_dim=2),
+                            dict(rotary=(10000.0, True, 2))),
+    "norm": (dict(normalize_qk=True), dict(norm=True)),
+    "window": (dict(window=(2, 1)), dict(window=(2, 1))),
+    "alibi": (dict(alibi=True), dict(alibi=mha_xp.alibi_slopes(4))),
+    "softcap": (dict(softcap=0.7), dict(softcap=0.7)),
+    "all-gqa": (dict(num_kv_heads=2, rotary=True, normalize_qk=True, window=(3, None),
+                     alibi=[0.3, -0.1, 0.2, 0.05], softcap=2.0),
+                dict(rotary=(10000.0, False), norm=True, window=(3, None),
+                     alibi=[0.3, -0.1, 0.2, 0.05], softcap=2.0)),
+}
+
+
+def _variant_layer(name, backend, dtype, rng):
+    options, ref_options = _VARIANTS[name]
+    params = {k: v for k, v in options.items() if k in ("num_kv_heads", "normalize_qk")}
+    rest = {k: v for k, v in options.items() if k not in params}
+    sd = _random_biases(MHA(16, 4, seed=9, **params), rng)
+    layer = _to_backend(MHA.from_state_dict(sd, num_heads=4, **rest), backend, dtype)
+    return layer, sd, ref_options
+
+
+class TestOptions:
+    """RoPE, QK norm, window, ALiBi and softcap: forward and every gradient
+    against the layer in float64 torch operations and torch autograd."""
+
+    @pytest.mark.parametrize("name", list(_VARIANTS))
+    @pytest.mark.parametrize("causal", [False, True])
+    def test_forward_and_gradients(self, backend, dtype, rng, name, causal):
+        layer, sd, ref_options = _variant_layer(name, backend, dtype, rng)
+        x = rng.standard_normal((2, 7, 16))
+        y, backward = layer.vjp(backend.asarray(x, dtype), is_causal=causal)
+        assert_preserved(backend, y, dtype, (2, 7, 16))
+        assert rel_err(backend.to_numpy(layer(backend.asarray(x, dtype), is_causal=causal)),
+                       backend.to_numpy(y)) == 0.0
+        gy = rng.standard_normal(y.shape)
+        grads = {n: backend.to_numpy(g) for n, g in backward(backend.asarray(gy, dtype)).items()}
+        t = {n: torch.tensor(w, requires_grad=True) for n, w in sd.items()}
+        tx = torch.tensor(x, requires_grad=True)
+        ty = _torch_layer(t, tx, 4, causal=causal, **ref_options)
+        assert_close(backend.to_numpy(y), ty.detach().numpy(), dtype)
+        ty.backward(torch.tensor(gy))
+        _check_grads(grads, {"query": tx.grad.numpy()} | {n: w.grad.numpy() for n, w in t.items()},
+                     dtype)
+
+    @pytest.mark.parametrize("name", ["all-gqa", "window", "alibi"])
+    def test_chunked_path(self, rng, name):
+        layer, sd, ref_options = _variant_layer(name, make_numpy(), "float64", rng)
+        x = rng.standard_normal((2, 9, 16))
+        y, backward = layer.vjp(x, is_causal=True, chunk_size=(2, 3))
+        t = {n: torch.tensor(w, requires_grad=True) for n, w in sd.items()}
+        tx = torch.tensor(x, requires_grad=True)
+        ty = _torch_layer(t, tx, 4, causal=True, **ref_options)
+        assert rel_err(y, ty.detach().numpy()) <= 1e-12
+        gy = rng.standard_normal(y.shape)
+        grads = backward(gy)
+        ty.backward(torch.tensor(gy))
+        _check_grads(grads, {"query": tx.grad.numpy()} | {n: w.grad.numpy() for n, w in t.items()},
+                     "float64")
+
+    @pytest.mark.parametrize("name", ["all-gqa", "window", "alibi", "softcap", "norm"])
+    def test_cache_matches_full(self, backend, dtype, rng, name):
+        """The cache builds the causal, window and ALiBi terms from positions
+        itself; the full call leaves them to the core."""
+        layer, _, _ = _variant_layer(name, backend, dtype, rng)
+        x = rng.standard_normal((2, 8, 16))
+        full = backend.to_numpy(layer(backend.asarray(x, dtype), is_causal=True))
+        cache, pieces = layer.init_cache(2, 10), []
+        for a, b in ((0, 3), (3, 4), (4, 8)):
+            y, cache = layer(backend.asarray(x[:, a:b], dtype), cache=cache, is_causal=True)
+            pieces.append(backend.to_numpy(y))
+        assert rel_err(np.concatenate(pieces, axis=1), full) <= (1e-6 if dtype == "float32" else 1e-13)
+
+    def test_bias_kv_with_window_and_alibi(self, rng):
+        """The appended keys stay outside the causal, window and ALiBi terms:
+        equal to torch's module with those terms as a float attn_mask."""
+        torch.manual_seed(int(rng.integers(2**31)))
+        m = torch.nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True,
+                                        add_zero_attn=True).double()
+        slopes = [0.5, 0.25]
+        layer = MHA.from_state_dict({n: w.detach().numpy() for n, w in m.state_dict().items()},
+                                    num_heads=2, add_zero_attn=True, window=(1, 0), alibi=slopes)
+        x = rng.standard_normal((3, 5, 8))
+        i, j = np.arange(5)[:, None], np.arange(5)[None, :]
+        bias = -np.asarray(slopes)[:, None, None] * np.abs(i - j)
+        bias = np.where((j <= i) & (j >= i - 1), bias, -np.inf)
+        attn = torch.tensor(np.broadcast_to(bias, (3, 2, 5, 5)).reshape(6, 5, 5).copy())
+        tx = torch.tensor(x, requires_grad=True)
+        ty = m(tx, tx, tx, attn_mask=attn, need_weights=False)[0]
+        y, backward = layer.vjp(x, is_causal=True)
+        assert rel_err(y, ty.detach().numpy()) <= 1e-12
+        gy = rng.standard_normal(y.shape)
+        ty.backward(torch.tensor(gy))
+        _check_grads(backward(gy), {"query": tx.grad.numpy()} | {
+            n: p.grad.numpy() for n, p in m.named_parameters()}, "float64")
+
+    def test_option_errors(self):
+        with pytest.raises(ValueError, match="rotary_dim must be even"):
+            MHA(8, 2, rotary=True, rotary_dim=3)
+        with pytest.raises(ValueError, match="window's left size"):
+            MHA(8, 2, window=(-2, 0))
+        with pytest.raises(ValueError, match="alibi must hold num_heads = 2"):
+            MHA(8, 2, alibi=[0.5])
+        with pytest.raises(ValueError, match="softcap must be a positive"):
+            MHA(8, 2, softcap=0.0)
+        with pytest.raises(TypeError, match="unexpected option"):
+            MHA.from_state_dict(MHA(8, 2, seed=0).state_dict(), num_heads=2, rotery=True)
+
+
+def make_numpy():
+    from conftest import make_backend
+
+    return make_backend("numpy")
