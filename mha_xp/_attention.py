@@ -791,7 +791,10 @@ def attention_vjp(
         a dict with the gradients ``"query"``, ``"key"``, ``"value"`` (and
         ``"bias"`` when a bias was given), each with its input's shape and
         dtype. Masked and padded positions, and rows with nothing to attend
-        to, get zero gradients.
+        to, get zero gradients. With grouped-query attention the key and
+        value gradients sum over the query heads of each group; with
+        ``softcap`` they include the cap's derivative ``1 - tanh(s / c)**2``;
+        ``alibi_slopes``, ``cu_seqlens_q`` and ``cu_seqlens_k`` get none.
 
     Raises
     ------

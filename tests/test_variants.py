@@ -396,3 +396,79 @@ class TestDaskQueryBlocks:
         assert isinstance(out, da.Array)
         assert rel_err(out.compute(), ref) < 1e-13
         assert rel_err(w.compute(), ref_w) < 1e-13
+
+
+class TestInternals:
+    def _variants(self, rng, xp):
+        from mha_xp._masks import Variants
+
+        slopes = -xp.reshape(xp.asarray(SLOPES4[:3]), (3, 1, 1))
+        return Variants(window=(4, 2), softcap=1.3, neg_slopes=slopes)
+
+    def test_in_place_bit_identical(self, rng):
+        # NumPy's in-place fast path (soft-cap, ALiBi added into the score
+        # block) against the portable path, forward and backward.
+        import array_api_compat.numpy as xp
+
+        from mha_xp._backward import attention_backward
+        from mha_xp._chunked import chunked_attention
+
+        q, k, v = (rng.standard_normal(s) for s in [(2, 3, 9, 4), (2, 3, 11, 4), (2, 3, 11, 5)])
+        bias = rng.standard_normal((3, 9, 11))
+        kwargs = dict(mask=rng.random((9, 11)) < 0.8, key_keep=None, bias=bias, is_causal=True,
+                      scale=0.3, q_block=4, k_block=3, xp=xp, variants=self._variants(rng, xp))
+        fast = chunked_attention(q, k, v, **kwargs, in_place=True)
+        portable = chunked_attention(q, k, v, **kwargs, in_place=False)
+        np.testing.assert_array_equal(fast[0], portable[0])
+        for a, b in zip(fast[1], portable[1]):
+            np.testing.assert_array_equal(a, b)
+        go = rng.standard_normal(fast[0].shape)
+        g_fast = attention_backward(q, k, v, fast[0], fast[1], go, **kwargs, in_place=True)
+        g_port = attention_backward(q, k, v, fast[0], fast[1], go, **kwargs, in_place=False)
+        for a, b in zip(g_fast, g_port):
+            np.testing.assert_array_equal(a, b)
+
+    @pytest.mark.parametrize("window,causal,expected", [((2, 1), False, 12), ((3, -1), True, 10),
+                                                        ((-1, -1), True, 10)])
+    def test_window_skips_key_blocks(self, rng, monkeypatch, window, causal, expected):
+        # 16 queries in blocks of 4 against 16 keys in blocks of 4: a narrow
+        # window touches at most 3 key blocks per query block, not 4.
+        import mha_xp._backward as backward_mod
+        import mha_xp._chunked as chunked_mod
+
+        calls = []
+        real = chunked_mod.block_scores
+
+        def counting(*args, **kwargs):
+            calls.append(kwargs["cols"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(chunked_mod, "block_scores", counting)
+        monkeypatch.setattr(backward_mod, "block_scores", counting)
+        q, k, v = (rng.standard_normal((1, 16, 4)) for _ in range(3))
+        ref, _ = ref_variants(q[None], k[None], v[None], window=window, is_causal=causal)
+        out, backward = mha_xp.attention_vjp(q, k, v, window=window, is_causal=causal,
+                                             chunk_size=4)
+        assert len(calls) <= expected
+        n_forward = len(calls)
+        backward(np.ones_like(out))
+        assert len(calls) - n_forward <= expected
+        assert rel_err(out, ref[0]) < 1e-13
+
+    def test_jax_jit(self, rng):
+        jax = pytest.importorskip("jax", reason="optional backend jax not installed")
+        jnp = jax.numpy
+        jax.config.update("jax_enable_x64", True)
+        (q, k, v), ours, theirs = _case(rng, "all")
+        ref, _ = ref_variants(q, k, v, **theirs)
+        cu_q, cu_k = (jnp.asarray(ours.pop(n)) for n in ("cu_seqlens_q", "cu_seqlens_k"))
+        mask, slopes = jnp.asarray(ours.pop("mask")), jnp.asarray(ours.pop("alibi_slopes"))
+
+        @jax.jit
+        def f(q, k, v, cu_q, cu_k, mask, slopes):
+            return mha_xp.scaled_dot_product_attention(
+                q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, mask=mask, alibi_slopes=slopes,
+                chunk_size=(3, 5), **ours)
+
+        out = f(*(jnp.asarray(t) for t in (q, k, v)), cu_q, cu_k, mask, slopes)
+        assert rel_err(np.asarray(out), ref) < 1e-13
