@@ -1020,10 +1020,6 @@ class MultiHeadAttention:
             head_dim)`` in the layer's namespace, device and dtype, with
             ``length`` 0.
 
-        See Also
-        --------
-        __call__ : ``y, cache = layer(x, cache=cache, is_causal=True)``.
-
         Examples
         --------
         Prefill with a prompt, then decode one position at a time; the
