@@ -307,15 +307,16 @@ def _host_readable(x: Array) -> bool:
     return is_torch_array(x) and x.device.type == "cpu"
 
 
-def _as_index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool]:
+def _as_index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool, Any]:
     """``x`` as an integer array of ``xp`` on ``dev`` (a Python sequence of
-    ints is converted), and whether its values may be read for validation."""
+    ints is converted), whether its values may be read for validation, and
+    the Python ints themselves when it was a sequence (read on the host)."""
     if isinstance(x, (list, tuple)):
         if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in x):
             raise TypeError(f"{name} must be an integer array or a list of ints, got {x!r}")
-        return xp.asarray(x, device=dev), True
+        return xp.asarray(x, device=dev), True, list(x)
     common_namespace((xp, dev, "pass it with the inputs' library and device"), **{name: x})
-    return x, _host_readable(x)
+    return x, _host_readable(x), None
 
 
 def _variants(
@@ -341,17 +342,17 @@ def _variants(
         raise ValueError("cu_seqlens_k needs cu_seqlens_q (the queries' sequences)")
     if cu_seqlens_q is not None:
         same = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
-        cu_q, readable = _as_index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
+        cu_q, readable, host = _as_index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
         if same and L != S:
             raise ValueError(
                 f"cu_seqlens_k defaults to cu_seqlens_q, which needs as many keys as queries, "
                 f"got L = {L} and S = {S}: pass cu_seqlens_k"
             )
-        check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable)
+        check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable, host)
         cu_k = cu_q
         if not same:
-            cu_k, readable = _as_index_array("cu_seqlens_k", cu_seqlens_k, xp, dev)
-            check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable)
+            cu_k, readable, host = _as_index_array("cu_seqlens_k", cu_seqlens_k, xp, dev)
+            check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable, host)
             if cu_k.shape[0] != cu_q.shape[0]:
                 raise ValueError(
                     f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "

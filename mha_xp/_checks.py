@@ -327,10 +327,11 @@ def check_alibi_slopes(slopes: Any, dtype: Any, target: tuple[int, ...], xp: Mod
 
 
 def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
-                     check_values: bool) -> None:
+                     check_values: bool, host: Any = None) -> None:
     """Cumulative sequence lengths: 1-d integer ``(N + 1,)``, from 0 to ``length``,
     non-decreasing. The values are read only when ``check_values`` (host
-    arrays: reading them costs no device synchronisation or computation)."""
+    arrays: reading them costs no device synchronisation or computation), from
+    ``host`` (the Python ints the array was made from) when given."""
     if xp.isdtype(cu.dtype, "bool") or not xp.isdtype(cu.dtype, "integral"):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype_name(cu.dtype)}")
     if cu.ndim != 1 or cu.shape[0] < 2:
@@ -340,12 +341,17 @@ def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
         )
     if not check_values:
         return
-    first, last = int(cu[0]), int(cu[-1])
+    if host is not None:
+        first, last = int(host[0]), int(host[-1])
+        increasing = all(a <= b for a, b in zip(host[:-1], host[1:]))
+    else:
+        first, last = int(cu[0]), int(cu[-1])
+        increasing = bool(xp.all(cu[1:] >= cu[:-1]))
     if first != 0:
         raise ValueError(f"{name} must start at 0, got {first}")
     if last != length:
         raise ValueError(
             f"{name} must end at the length of the packed axis (-2), {length}, got {last}"
         )
-    if not bool(xp.all(cu[1:] >= cu[:-1])):
+    if not increasing:
         raise ValueError(f"{name} must be non-decreasing (cumulative lengths)")

@@ -375,6 +375,14 @@ class TestVariantErrors:
         with pytest.raises(TypeError, match="cu_seqlens_q"):
             mha_xp.scaled_dot_product_attention(q, k, v, cu_seqlens_q=np.array([0, 9]),
                                                 cu_seqlens_k=torch.tensor([0, 11]))
+        # int32 cumulative lengths, as FlashAttention takes them
+        (qn, kn, vn), ours, theirs = _case(rng, "varlen_causal")
+        ref, _ = ref_variants(qn, kn, vn, **theirs)
+        out = mha_xp.scaled_dot_product_attention(
+            *(torch.tensor(t) for t in (qn, kn, vn)), is_causal=True, chunk_size=(3, 5),
+            cu_seqlens_q=torch.tensor(ours["cu_seqlens_q"], dtype=torch.int32),
+            cu_seqlens_k=torch.tensor(ours["cu_seqlens_k"], dtype=torch.int32))
+        assert rel_err(out.numpy(), ref) < 1e-13
 
 
 class TestDaskQueryBlocks:
