@@ -263,14 +263,15 @@ def check_gqa(query: Array, key: Array, value: Array, enable_gqa: Any) -> tuple[
         return None
     if enable_gqa is False:
         raise ValueError(
-            f"query has {hq} heads (axis -3) but key and value have {hkv}: grouped-query "
-            "attention needs enable_gqa=True (or None, to infer it from the shapes)"
+            f"query has {hq} heads (axis -3) but key and value have {hkv}: the head axes do "
+            "not broadcast, and grouped-query attention needs enable_gqa=True (or None, to "
+            "infer it from the shapes)"
         )
     if hq % hkv:
         raise ValueError(
-            f"query has {hq} heads (axis -3) but key and value have {hkv}: grouped-query "
-            f"attention needs the query heads to be a multiple of the key/value heads "
-            f"({hq} % {hkv} = {hq % hkv})"
+            f"query has {hq} heads (axis -3) but key and value have {hkv}: the head axes do "
+            f"not broadcast, and grouped-query attention needs the query heads to be a "
+            f"multiple of the key/value heads ({hq} % {hkv} = {hq % hkv})"
         )
     return hkv, hq // hkv
 
