@@ -5,9 +5,10 @@ For each block of queries, a running row maximum ``m``, a running sum ``l``
 of ``exp(s - m)`` and an unnormalised output ``acc`` are carried over the key
 blocks; when a block raises the maximum, the old sum and output are rescaled
 by ``exp(m_old - m_new)``. Only one ``(..., q_block, k_block)`` score block
-is alive at a time. Masks from ``is_causal`` and from padding are built per
-block from index arithmetic; key blocks entirely above the causal diagonal are
-skipped.
+is alive at a time. Masks from ``is_causal``, the sliding window, packed
+sequences and padding, and the ALiBi bias, are built per block from index
+arithmetic (:func:`block_scores`); key blocks entirely above the causal
+diagonal or outside the window are skipped.
 """
 
 from __future__ import annotations
