@@ -1,7 +1,7 @@
 """mha_xp: multi-head attention written once against the Python array API standard.
 
 One implementation, dispatched with ``array-api-compat``, runs on NumPy,
-CuPy, PyTorch, JAX, array-api-strict and any other compliant library, and
+CuPy, PyTorch, JAX, Dask, array-api-strict and any other compliant library, and
 returns arrays of the caller's library, on the caller's device, in the
 caller's dtype.
 """
@@ -12,6 +12,7 @@ from ._attention import (
     merge_attention,
     scaled_dot_product_attention,
 )
+from ._cache import KVCache
 from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
 from ._io import load_weights, save_weights
 from ._layer import MultiHeadAttention
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "KVCache",
     "MultiHeadAttention",
     "__version__",
     "alibi_slopes",
