@@ -40,7 +40,7 @@ __all__ = [
 
 def lib_name(xp: ModuleType) -> str:
     """Return the user-facing name of a namespace (``numpy``, ``torch``, ...)."""
-    name = getattr(xp, "__name__", repr(xp))
+    name = getattr(xp, "__name__", None) or repr(xp)
     return name.removeprefix("array_api_compat.")
 
 
