@@ -23,6 +23,7 @@ from ._checks import (
     check_bias,
     check_chunk_size,
     check_cu_seqlens,
+    check_dropout,
     check_flag,
     check_gqa,
     check_grad,
@@ -48,8 +49,8 @@ from ._config import resolve_budget
 from ._lib._dask import attend_blocks
 from ._lib._math import masked_softmax
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
-from ._lib._inplace import writes_in_place
-from ._masks import Variants
+from ._lib._inplace import multiply_into, writes_in_place
+from ._masks import Variants, dropout_scale, with_lead_index
 
 __all__ = [
     "attend",
@@ -119,7 +120,9 @@ def attend(
     ``allowed`` is the AND of ``mask``, ``key_keep`` (False on padding keys,
     broadcastable to ``(..., 1, S)``), the causal triangle and what
     ``variants`` (:class:`~mha_xp._masks.Variants`: window, soft-capping,
-    ALiBi, packed sequences) add. Returns
+    ALiBi, packed sequences) add; with dropout in ``variants``, the output is
+    ``(P * Z / (1 - p)) V`` while ``weights`` and ``stats`` are those of the
+    softmax ``P`` before dropout. Returns
     ``(out, weights or None, stats or None)``, where ``stats = (m, l)`` are the
     rows' softmax shift and sum (see :func:`~mha_xp._chunked.lse_from_stats`).
 
@@ -180,7 +183,12 @@ def attend(
         # The dense path keeps about three score-sized arrays alive: never let a
         # generous budget send it past the memory there is.
         budget = min(budget, available // 4)
+    if variants is not None and variants.dropout is not None:
+        # Generating the keep-mask of the whole score matrix takes about three
+        # more score-sized temporaries (Threefry's words, the mask, the factors).
+        budget //= 2
     blocks = plan_blocks(lead, L, S, itemsize, chunk_size, budget)
+    variants = with_lead_index(variants, lead, xp=xp, device=device_of(query))
     weights = stats = None
     if blocks is None:
         # Scale Q (L x D) rather than the scores (L x S).
@@ -193,7 +201,14 @@ def attend(
             stats = tuple(_expand(t, lead + (L,), xp) for t in stats)
         else:
             weights = masked_softmax(scores, None, xp=xp)
-        out = _expand(xp.matmul(weights, value), lead + (L, value.shape[-1]), xp)
+        drop = dropout_scale(slice(0, L), slice(0, S), variants=variants, dtype=work, xp=xp,
+                             device=device_of(query))
+        if drop is None:
+            out = xp.matmul(weights, value)
+        else:  # the weights go back undropped: only overwrite them when they do not
+            out = xp.matmul(multiply_into(weights, drop, xp=xp, in_place=writes_in_place(xp)
+                                          and not return_weights), value)
+        out = _expand(out, lead + (L, value.shape[-1]), xp)
         weights = _expand(weights, lead + (L, S), xp) if return_weights else None
     else:
         q_block, k_block = blocks
@@ -223,8 +238,15 @@ def gqa_groups(query: Array, key: Array, value: Array) -> tuple[int, int] | None
 
 def _group_variants(variants: Variants | None, groups: tuple[int, int],
                     xp: ModuleType) -> Variants | None:
-    """``variants`` with the ALiBi slopes split into ``(Hkv, G)`` heads."""
-    if variants is None or variants.neg_slopes is None:
+    """``variants`` with the ALiBi slopes, and the leading index of dropout,
+    split into ``(Hkv, G)`` heads."""
+    if variants is None:
+        return variants
+    if variants.lead_index is not None and variants.lead_index.ndim >= 1:
+        index = variants.lead_index
+        variants = replace(variants, lead_index=xp.reshape(
+            index, tuple(index.shape[:-1]) + groups))
+    if variants.neg_slopes is None:
         return variants
     return replace(variants, neg_slopes=_group(variants.neg_slopes, groups, xp))
 
@@ -275,7 +297,7 @@ def _validate(
     query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
     scale: Any, chunk_size: Any, enable_gqa: Any = None, window: Any = None,
     alibi_slopes: Any = None, softcap: Any = None, cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
+    cu_seqlens_k: Any = None, dropout_p: Any = 0.0, seed: Any = None,
 ) -> tuple[ModuleType, float, tuple[int, int] | None, Variants | None]:
     """Shared validation of the public attention functions."""
     xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
@@ -296,6 +318,9 @@ def _validate(
         check_bias(bias, dtype, scores_shape, xp, labels)
     variants = _variants(xp, dev, dtype, scores_shape, window, alibi_slopes, softcap,
                          cu_seqlens_q, cu_seqlens_k)
+    dropout = check_dropout(dropout_p, seed)
+    if dropout is not None:
+        variants = replace(Variants() if variants is None else variants, dropout=dropout)
     return xp, check_scale(scale, query.shape[-1]), check_chunk_size(chunk_size), variants
 
 
@@ -393,6 +418,8 @@ def scaled_dot_product_attention(
     softcap: float | None = None,
     cu_seqlens_q: Array | Sequence[int] | None = None,
     cu_seqlens_k: Array | Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Scaled dot-product attention on any array API library.
 
@@ -475,6 +502,26 @@ def scaled_dot_product_attention(
     cu_seqlens_k : array of int or sequence of int, optional
         The keys' sequences, as ``cu_seqlens_q`` (ending at ``S``); default
         ``cu_seqlens_q`` (then ``L`` must equal ``S``).
+    dropout_p : float, default 0.0
+        Dropout on the attention weights, off by default: each weight is
+        dropped with probability ``dropout_p`` and the kept ones are scaled
+        by ``1 / (1 - dropout_p)``, ``out = (P * Z / (1 - dropout_p)) V``.
+        The keep-mask ``Z`` is a counter-based random function
+        (Threefry-2x32) of ``seed`` and the global position ``(n, i, j)`` of
+        each weight: ``n`` is the C-order flattened index over the broadcast
+        leading shape of the output ``(..., H)`` (with grouped-query
+        attention, over the query heads), ``i`` the query row and ``j`` the
+        key column. The same seed thus drops the same entries, bit for bit,
+        on every library and device, on the dense and the chunked paths and
+        in every Dask block; the backward regenerates the mask instead of
+        storing it. ``1.0`` drops everything (the output is zero); ``0.0``
+        is attention without dropout, exactly. Generating the mask takes
+        temporaries the size of the scores, so with dropout the dense path is
+        taken only while twice its score tensor fits ``memory_budget``.
+    seed : int, optional
+        The key of the dropout mask, in ``[0, 2**64)``; required when
+        ``dropout_p > 0``, since mha_xp keeps no global random state. Pass a
+        new seed for every training step.
 
     Returns
     -------
@@ -483,7 +530,9 @@ def scaled_dot_product_attention(
         zeros (never NaN).
     weights : array, shape (..., H, L, S)
         Only with ``return_weights=True``: the softmax weights; each row sums
-        to 1, or is all zero for a fully masked row.
+        to 1, or is all zero for a fully masked row. With dropout, the
+        weights **before** dropout, as Keras and Flax return them
+        (``torch.nn.MultiheadAttention`` returns them after dropout).
 
     Raises
     ------
@@ -492,14 +541,16 @@ def scaled_dot_product_attention(
         a non-boolean ``mask``, a non-float ``bias``, a non-numeric ``scale``,
         a non-bool ``enable_gqa``, a ``window`` that is not a pair of ints,
         ``alibi_slopes`` of a wrong dtype, non-integer ``cu_seqlens_q`` or
-        ``cu_seqlens_k``.
+        ``cu_seqlens_k``, a non-real ``dropout_p`` or a non-int ``seed``.
     ValueError
         Arrays on different devices, wrong ranks, mismatched shapes (query
         heads that are not a multiple of the key/value heads), a mask or
         bias that does not broadcast, a ``scale`` or ``softcap`` that is not
         positive and finite, a bad ``chunk_size`` or ``memory_budget``,
         ``alibi_slopes`` of a wrong shape, ``cu_seqlens_q``/``cu_seqlens_k``
-        that are not cumulative lengths of the packed axis.
+        that are not cumulative lengths of the packed axis, ``dropout_p``
+        outside ``[0, 1]``, ``dropout_p > 0`` without a ``seed``, a ``seed``
+        outside ``[0, 2**64)``.
 
     See Also
     --------
@@ -537,7 +588,7 @@ def scaled_dot_product_attention(
     """
     xp, scale, chunk_size, variants = _validate(
         query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
-        softcap, cu_seqlens_q, cu_seqlens_k)
+        softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     is_causal = check_flag("is_causal", is_causal)
     return_weights = check_flag("return_weights", return_weights)
     out, weights, _ = attend(
@@ -565,6 +616,8 @@ def attention_with_lse(
     softcap: float | None = None,
     cu_seqlens_q: Array | Sequence[int] | None = None,
     cu_seqlens_k: Array | Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> tuple[Array, Array]:
     """Attention output and the per-row log-sum-exp of the scores.
 
@@ -578,16 +631,24 @@ def attention_with_lse(
         As in :func:`scaled_dot_product_attention`.
     enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
+    dropout_p, seed
+        As in :func:`scaled_dot_product_attention`.
 
     Returns
     -------
     out : array, shape (..., H, L, Dv)
-        As :func:`scaled_dot_product_attention` returns it.
+        As :func:`scaled_dot_product_attention` returns it (with dropout,
+        ``(P * Z / (1 - dropout_p)) V``).
     lse : array, shape (..., H, L)
         ``log(sum_j exp(s_ij))`` over the allowed keys, with ``s`` the scaled,
         biased scores; ``+inf`` for a row with nothing to attend to (as in
         FlashAttention, so that ``exp(s - lse)`` is 0 there). float32 for
-        16-bit inputs, the inputs' dtype otherwise.
+        16-bit inputs, the inputs' dtype otherwise. With dropout it is still
+        the softmax's, before dropout (``P = exp(s - lse)``; dropout
+        rescales the kept weights by ``1 / (1 - dropout_p)`` rather than
+        renormalising them), so :func:`merge_attention` of results over
+        disjoint key sets computes dropout attention over their union, with
+        each part's mask keyed by its own key indices.
 
     Raises
     ------
@@ -607,7 +668,7 @@ def attention_with_lse(
     """
     xp, scale, chunk_size, variants = _validate(
         query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
-        softcap, cu_seqlens_q, cu_seqlens_k)
+        softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     is_causal = check_flag("is_causal", is_causal)
     out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
@@ -766,6 +827,8 @@ def attention_vjp(
     softcap: float | None = None,
     cu_seqlens_q: Array | Sequence[int] | None = None,
     cu_seqlens_k: Array | Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
 ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
     """Attention and a function computing its gradients (vector-Jacobian product).
 
@@ -781,6 +844,11 @@ def attention_vjp(
         As in :func:`scaled_dot_product_attention`.
     enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
+    dropout_p, seed
+        As in :func:`scaled_dot_product_attention`: ``backward`` differentiates
+        through the same keep-mask, regenerated block by block from ``seed``
+        (never stored): ``dV = (P * Z / (1 - p))^T dO`` and
+        ``dP = (dO V^T) * Z / (1 - p)``.
 
     Returns
     -------
@@ -826,7 +894,7 @@ def attention_vjp(
     """
     xp, scale, chunk_size, variants = _validate(
         query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
-        softcap, cu_seqlens_q, cu_seqlens_k)
+        softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     is_causal = check_flag("is_causal", is_causal)
     out, _, stats = attend(
         query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,

@@ -11,7 +11,15 @@ The backward recomputes the probabilities block by block,
 where ``dS' = dS`` or, with logit soft-capping ``c tanh(s / c)``,
 ``dS' = dS * (1 - tanh^2)``. ALiBi slopes get no gradient.
 
-so its extra memory is one score block, linear in the sequence lengths. The
+With dropout on the weights (``O = (P * Z / (1 - p)) V``, keep-mask ``Z``):
+
+    dV = (P * Z / (1 - p))^T dO,   dP = (dO V^T) * Z / (1 - p),
+
+and ``D = rowsum(dO * O)`` and ``dS = P * (dP - D)`` as they are. ``Z`` is
+regenerated block by block from the seed (:func:`~mha_xp._masks.dropout_scale`),
+never stored.
+
+The extra memory is one score block, linear in the sequence lengths. The
 loops run in a fixed order: repeated calls give bit-identical results.
 """
 
@@ -23,8 +31,8 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from ._chunked import block_scores, broadcast_lead, diag_offset, probabilities
-from ._masks import Variants, key_range
-from ._lib._inplace import gated_difference, writes_in_place
+from ._masks import Variants, dropout_scale, key_range, with_lead_index
+from ._lib._inplace import gated_difference, multiply_into, writes_in_place
 from ._lib._namespace import Array
 
 __all__ = ["attention_backward", "unbroadcast"]
@@ -103,6 +111,7 @@ def attention_backward(
     L, S = query.shape[-2], key.shape[-2]
     dev = device_of(query)
     offset = diag_offset(L, S, variants)
+    variants = with_lead_index(variants, broadcast_lead(query, key, value), xp=xp, device=dev)
     q_scaled = query * scale
     delta = xp.sum(grad_out * out, axis=-1, keepdims=True)
     m, l = (xp.expand_dims(t, axis=-1) for t in stats)
@@ -129,9 +138,15 @@ def attention_backward(
                                 in_place=in_place, variants=variants, return_tanh=True)
             p = probabilities(s, row_stats, xp=xp, in_place=in_place)
             k_j, v_j = key[..., cols, :], value[..., cols, :]
-            dv = xp.matmul(xp.matrix_transpose(p), do)
-            ds = gated_difference(xp.matmul(do, xp.matrix_transpose(v_j)), d_i, p, xp=xp,
-                                  in_place=in_place)
+            dp = xp.matmul(do, xp.matrix_transpose(v_j))
+            drop = dropout_scale(rows, cols, variants=variants, dtype=query.dtype, xp=xp,
+                                 device=dev)
+            if drop is None:
+                dv = xp.matmul(xp.matrix_transpose(p), do)
+            else:
+                dv = xp.matmul(xp.matrix_transpose(p * drop), do)
+                dp = multiply_into(dp, drop, xp=xp, in_place=in_place)
+            ds = gated_difference(dp, d_i, p, xp=xp, in_place=in_place)
             bias_cols.append(None if bias is None else _bias_block(ds, tuple(bias.shape), xp=xp))
             if t is not None:  # through the soft-cap: d(c tanh(s / c))/ds = 1 - tanh^2
                 ds = ds * (1.0 - t * t)

@@ -20,6 +20,8 @@ __all__ = [
     "check_bias",
     "check_chunk_size",
     "check_cu_seqlens",
+    "check_dropout",
+    "check_dropout_p",
     "check_dtype",
     "check_flag",
     "check_gqa",
@@ -292,6 +294,44 @@ def check_window(window: Any) -> tuple[int, int] | None:
             )
     left, right = (int(side) if side >= 0 else -1 for side in window)
     return left, right
+
+
+def check_dropout_p(dropout_p: Any, name: str = "dropout_p") -> float:
+    """A dropout probability: a real Python number in ``[0, 1]``, as a float."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float in [0, 1], got {type(dropout_p).__name__} {dropout_p!r}"
+        )
+    p = float(dropout_p)  # drops NumPy scalars, which would up-cast float32 (NEP 50)
+    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {dropout_p}")
+    return p
+
+
+def check_dropout(dropout_p: Any, seed: Any, *, seed_name: str = "seed",
+                  p_name: str = "dropout_p") -> tuple[float, int] | None:
+    """``(p, seed)`` for dropout on the attention weights, or None when it is off
+    (``p == 0``). The keep-mask is a function of an explicit seed (there is no
+    global random state), so ``p > 0`` without a seed is an error."""
+    p = check_dropout_p(dropout_p, p_name)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(
+                f"{seed_name} must be an int in [0, 2**64) keying the dropout mask, got "
+                f"{type(seed).__name__} {seed!r}"
+            )
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"{seed_name} must be an int in [0, 2**64), got {seed}")
+        seed = int(seed)
+    if p == 0.0:
+        return None
+    if seed is None:
+        raise ValueError(
+            f"{p_name}={p} needs {seed_name}=<int>: the dropout mask is a function of an "
+            f"explicit seed (mha_xp keeps no global random state); pass the same seed to "
+            f"get the same mask"
+        )
+    return p, seed
 
 
 def check_softcap(softcap: Any) -> float | None:

@@ -9,6 +9,12 @@ is alive at a time. Masks from ``is_causal``, the sliding window, packed
 sequences and padding, and the ALiBi bias, are built per block from index
 arithmetic (:func:`block_scores`); key blocks entirely above the causal
 diagonal or outside the window are skipped.
+
+With dropout, the running sum ``l`` adds the undropped ``exp(s - m)`` (the
+softmax's normaliser), and only the product with the values uses
+``exp(s - m) * Z / (1 - p)``, with the keep-mask ``Z`` of the block regenerated
+from the seed and the block's global position
+(:func:`~mha_xp._masks.dropout_scale`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,15 @@ from typing import Any
 
 from array_api_compat import device as device_of
 
-from ._lib._inplace import add_into, divide_into, shifted_exp, softcap_into, writes_in_place
-from ._masks import Variants, combine, key_range, positional
+from ._lib._inplace import (
+    add_into,
+    divide_into,
+    multiply_into,
+    shifted_exp,
+    softcap_into,
+    writes_in_place,
+)
+from ._masks import Variants, combine, dropout_scale, key_range, positional, with_lead_index
 from ._lib._namespace import Array
 
 __all__ = [
@@ -149,13 +162,14 @@ def chunked_attention(
         Overwrite score blocks in place (default: where the backend allows;
         False forces the portable path).
     variants : Variants, optional
-        Window, soft-capping, ALiBi and packed sequences
+        Window, soft-capping, ALiBi, packed sequences and dropout
         (:class:`~mha_xp._masks.Variants`).
 
     Returns
     -------
     out : array
         ``(..., L, Dv)`` in the compute dtype; zero for fully masked rows.
+        With dropout, ``(P * Z / (1 - p)) V``.
     stats : (array, array)
         The softmax statistics of each row, ``(..., L)`` each: the shift
         ``m`` (the row maximum, 0 for a row with nothing to attend to) and the
@@ -172,6 +186,7 @@ def chunked_attention(
     query = query * scale  # once per query, not once per score
     if in_place is None:
         in_place = writes_in_place(xp)
+    variants = with_lead_index(variants, lead, xp=xp, device=dev)
 
     outs, maxes, sums = [], [], []
     for i0 in range(0, L, q_block):
@@ -192,12 +207,16 @@ def chunked_attention(
             # A row with nothing allowed yet has max -inf: shift by 0 so exp gives 0.
             shift = xp.where(m_new == neg_inf, zero, m_new)
             p = shifted_exp(s, shift, xp=xp, in_place=in_place)
+            p_sum = xp.sum(p, axis=-1, keepdims=True)  # undropped: the softmax's normaliser
+            drop = dropout_scale(rows, cols, variants=variants, dtype=dtype, xp=xp, device=dev)
+            if drop is not None:
+                p = multiply_into(p, drop, xp=xp, in_place=in_place)
             pv = xp.matmul(p, value[..., cols, :])
             if m is None:
-                l, acc = xp.sum(p, axis=-1, keepdims=True), pv
+                l, acc = p_sum, pv
             else:
                 alpha = xp.exp(m - shift)  # rescales what the earlier blocks summed
-                l = alpha * l + xp.sum(p, axis=-1, keepdims=True)
+                l = alpha * l + p_sum
                 acc = alpha * acc + pv
             m = m_new
         rows_lead = lead + (i1 - i0,)

@@ -19,6 +19,8 @@ from ._norm import qk_layer_norm, qk_layer_norm_backward
 from ._checks import (
     check_bias,
     check_chunk_size,
+    check_dropout,
+    check_dropout_p,
     check_dtype,
     check_flag,
     check_grad,
@@ -142,6 +144,7 @@ class _Options:
     window: tuple[int | None, int | None] | None = None
     alibi: Any = False
     softcap: float | None = None
+    dropout: float = 0.0
 
     def checked(self, num_heads: int, head_dim: int) -> _Options:
         """These options validated against the layer's sizes, normalised
@@ -204,6 +207,7 @@ class _Options:
                     math.isfinite(c) and c > 0):
                 raise ValueError(f"softcap must be a positive finite float or None, got {c!r}")
             set_("softcap", float(c))
+        set_("dropout", check_dropout_p(self.dropout, "dropout"))
         return _Options(**d)
 
 
@@ -310,6 +314,13 @@ class MultiHeadAttention:
     softcap : float, optional
         Logit soft-capping (Gemma 2): scaled scores ``s`` become
         ``softcap * tanh(s / softcap)``, before any bias or ALiBi.
+    dropout : float, default 0.0
+        Dropout probability on the attention weights, as torch's
+        constructor argument, but applied only to calls that ask for it with
+        ``training=True`` and a ``dropout_seed`` (there is no train/eval
+        state and no global random state). See
+        :func:`scaled_dot_product_attention`'s ``dropout_p`` for the
+        keep-mask and its bit-for-bit reproducibility across libraries.
 
     Attributes
     ----------
@@ -366,6 +377,7 @@ class MultiHeadAttention:
         window: tuple[int | None, int | None] | None = None,
         alibi: bool | Sequence[float] = False,
         softcap: float | None = None,
+        dropout: float = 0.0,
     ) -> None:
         embed_dim = check_positive_int("embed_dim", embed_dim)
         num_heads = check_positive_int("num_heads", num_heads)
@@ -381,7 +393,8 @@ class MultiHeadAttention:
         normalize_qk = check_flag("normalize_qk", normalize_qk)
         options = _Options(add_zero_attn=add_zero_attn, rotary=rotary, rotary_base=rotary_base,
                            rotary_interleaved=rotary_interleaved, rotary_dim=rotary_dim,
-                           window=window, alibi=alibi, softcap=softcap).checked(num_heads, head_dim)
+                           window=window, alibi=alibi, softcap=softcap,
+                           dropout=dropout).checked(num_heads, head_dim)
         kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
         bias = check_flag("bias", bias)
@@ -572,7 +585,7 @@ class MultiHeadAttention:
         **options
             The layer's other options, as in the constructor: ``add_zero_attn``,
             ``rotary``, ``rotary_base``, ``rotary_interleaved``, ``rotary_dim``,
-            ``window``, ``alibi``, ``softcap``.
+            ``window``, ``alibi``, ``softcap``, ``dropout``.
 
         Returns
         -------
@@ -707,7 +720,7 @@ class MultiHeadAttention:
             The options that are not parameters, as in the constructor:
             ``add_zero_attn``, ``rotary``, ``rotary_base``,
             ``rotary_interleaved``, ``rotary_dim``, ``window``, ``alibi``,
-            ``softcap``.
+            ``softcap``, ``dropout``.
 
         Returns
         -------
@@ -757,7 +770,9 @@ class MultiHeadAttention:
         Returns
         -------
         MultiHeadAttention
-            A layer whose call matches the module's in eval mode (dropout off).
+            A layer whose call matches the module's in eval mode (dropout off
+            unless a call passes ``training=True``; the module's ``dropout``
+            probability carries over, its random masks do not).
 
         Raises
         ------
@@ -778,7 +793,8 @@ class MultiHeadAttention:
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
         # clone: the port must not share memory with a module that may train on
         params = {name: t.detach().clone() for name, t in module.state_dict().items()}
-        options = _Options(add_zero_attn=bool(getattr(module, "add_zero_attn", False)))
+        options = _Options(add_zero_attn=bool(getattr(module, "add_zero_attn", False)),
+                           dropout=float(getattr(module, "dropout", 0.0)))
         return cls._from_params(params, module.num_heads, np if xp is None else xp, device, options)
 
     # -- the weights -------------------------------------------------------
@@ -798,8 +814,8 @@ class MultiHeadAttention:
             then ``bias_k``, ``bias_v`` with ``add_bias_kv`` (after
             ``in_proj_bias``, in torch's order), and ``q_norm.weight``,
             ``k_norm.weight`` with ``normalize_qk``. Options that are not
-            parameters (``add_zero_attn``, RoPE, window, ALiBi, softcap) are
-            not included. The arrays are the layer's own, not copies, as in
+            parameters (``add_zero_attn``, RoPE, window, ALiBi, softcap,
+            dropout) are not included. The arrays are the layer's own, not copies, as in
             torch.
 
         Examples
@@ -914,6 +930,8 @@ class MultiHeadAttention:
         chunk_size: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
         cache: KVCache | None = None,
+        training: bool = False,
+        dropout_seed: int | None = None,
     ) -> Array | tuple[Array, Array] | tuple[Array, KVCache] | tuple[Array, Array, KVCache]:
         """Apply multi-head attention.
 
@@ -959,6 +977,18 @@ class MultiHeadAttention:
             Make one with :meth:`init_cache`. Prefill, single steps and
             chunks of any size give the outputs of causal self-attention over
             the whole sequence.
+        training : bool, default False
+            Apply the layer's ``dropout`` to the attention weights (as
+            Keras's ``training`` argument and torch's ``train()`` mode). Off
+            by default; without a constructor ``dropout`` it changes nothing.
+        dropout_seed : int, optional
+            The key of the dropout mask, in ``[0, 2**64)``; required with
+            ``training=True`` when the layer has ``dropout > 0``, ignored
+            otherwise. The same seed gives the same mask on every library;
+            pass a new one per step. The mask's leading index is
+            ``b * num_heads + h`` (batch ``b``, query head ``h``; ``b = 0``
+            unbatched), as :func:`scaled_dot_product_attention` with the
+            per-head arrays.
 
         Returns
         -------
@@ -969,6 +999,8 @@ class MultiHeadAttention:
         weights : array
             Only with ``return_weights=True``: ``(B, L, S)`` averaged, or
             ``(B, H, L, S)`` per head; no batch axis for unbatched inputs.
+            With dropout, the weights **before** dropout (as Keras and Flax;
+            ``torch.nn.MultiheadAttention`` returns them after dropout).
             With ``add_bias_kv``/``add_zero_attn`` the appended keys are the
             last columns (as in torch); with a cache, ``S`` is its
             ``max_length``.
@@ -982,18 +1014,23 @@ class MultiHeadAttention:
             Inputs from another library than the layer's, of another dtype,
             not floating; a non-boolean mask.
         ValueError
-            Inputs on another device; wrong ranks or sizes.
+            Inputs on another device; wrong ranks or sizes; ``training=True``
+            with ``dropout > 0`` and no ``dropout_seed``, or with a ``cache``.
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         return_weights = check_flag("return_weights", return_weights)
         average_weights = check_flag("average_weights", average_weights)
         is_causal = check_flag("is_causal", is_causal)
+        dropout = self._check_dropout(training, dropout_seed)
         if cache is not None:
+            if dropout is not None:
+                raise ValueError("dropout (training=True) is not supported with a cache: "
+                                 "decoding is inference; call without training=True")
             self._check_cache(cache, call, is_causal, key is not None or value is not None)
         out, weights, _, cache = self._forward(call, is_causal=is_causal,
                                                return_weights=return_weights,
                                                memory_budget=memory_budget, residuals=False,
-                                               cache=cache)
+                                               cache=cache, dropout=dropout)
         if return_weights:
             if average_weights:
                 weights = self._xp.mean(weights, axis=1)
@@ -1044,6 +1081,14 @@ class MultiHeadAttention:
         return KVCache.empty(batch_size, self.num_kv_heads, max_length, self.head_dim,
                              xp=self._xp, device=self._device, dtype=self._dtype)
 
+    def _check_dropout(self, training: Any, dropout_seed: Any) -> tuple[float, int] | None:
+        """``(p, seed)`` when this call applies dropout, else None."""
+        training = check_flag("training", training)
+        if not training:
+            return None
+        return check_dropout(self._options.dropout, dropout_seed, seed_name="dropout_seed",
+                             p_name="dropout")
+
     def _check_cache(self, cache: Any, call: _Call, is_causal: bool, cross: bool) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from layer.init_cache(...), got "
@@ -1083,6 +1128,8 @@ class MultiHeadAttention:
         is_causal: bool = False,
         chunk_size: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
+        training: bool = False,
+        dropout_seed: int | None = None,
     ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
         """Apply the layer and return a function computing its gradients.
 
@@ -1097,6 +1144,10 @@ class MultiHeadAttention:
         query, key, value, key_padding_mask, mask, bias, is_causal, chunk_size, memory_budget
             As in :meth:`__call__` (no cache: gradients are for training on
             whole sequences).
+        training, dropout_seed
+            As in :meth:`__call__`: with ``training=True`` the layer's
+            ``dropout`` applies, and ``backward`` differentiates through the
+            same mask, regenerated from ``dropout_seed``.
 
         Returns
         -------
@@ -1139,8 +1190,10 @@ class MultiHeadAttention:
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         is_causal = check_flag("is_causal", is_causal)
+        dropout = self._check_dropout(training, dropout_seed)
         out, _, res, _ = self._forward(call, is_causal=is_causal, return_weights=False,
-                                       memory_budget=memory_budget, residuals=True)
+                                       memory_budget=memory_budget, residuals=True,
+                                       dropout=dropout)
 
         def backward(grad_out: Array) -> dict[str, Array]:
             check_grad(grad_out, out, xp=self._xp, name="grad_out")
@@ -1236,6 +1289,7 @@ class MultiHeadAttention:
     def _forward(
         self, call: _Call, *, is_causal: bool, return_weights: bool,
         memory_budget: int | None, residuals: bool, cache: KVCache | None = None,
+        dropout: tuple[float, int] | None = None,
     ) -> tuple[Array, Array | None, dict[str, Any] | None, KVCache | None]:
         xp, o, p, dev = self._xp, self._options, self._params, self._device
         query, key, value = call.query, call.key, call.value
@@ -1290,7 +1344,7 @@ class MultiHeadAttention:
             key_keep = None if key_keep is None else _pad_last(key_keep, S, n_extra, True, xp)
         core_kw = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=causal,
                        scale=1.0 / math.sqrt(self.head_dim),
-                       variants=self._variants(positional))
+                       variants=self._variants(positional, dropout))
         heads, weights, stats = attend(
             q, k, v, return_weights=return_weights, return_stats=residuals,
             chunk_size=call.chunk_size, memory_budget=memory_budget, xp=xp, **core_kw)
@@ -1305,9 +1359,11 @@ class MultiHeadAttention:
                        pos_q=pos_q, pos_k=pos_k, n_extra=n_extra, S=S)
         return out, weights, res, cache
 
-    def _variants(self, positional: bool) -> Variants | None:
-        """What the core applies itself: soft-capping always, the window and
-        ALiBi when ``positional`` (aligned bottom-right to the keys given)."""
+    def _variants(self, positional: bool,
+                  dropout: tuple[float, int] | None = None) -> Variants | None:
+        """What the core applies itself: soft-capping and ``dropout`` always,
+        the window and ALiBi when ``positional`` (aligned bottom-right to the
+        keys given)."""
         o, xp = self._options, self._xp
         window = neg_slopes = None
         if positional and o.window is not None:
@@ -1316,9 +1372,9 @@ class MultiHeadAttention:
             work = compute_dtype(self._dtype, xp)
             neg_slopes = xp.reshape(-xp.asarray(o.alibi, dtype=work, device=self._device),
                                     (self.num_heads, 1, 1))
-        if window is None and neg_slopes is None and o.softcap is None:
+        if window is None and neg_slopes is None and o.softcap is None and dropout is None:
             return None
-        return Variants(window=window, softcap=o.softcap, neg_slopes=neg_slopes)
+        return Variants(window=window, softcap=o.softcap, neg_slopes=neg_slopes, dropout=dropout)
 
     def _position_terms(
         self, pos_q: Array, pos_k: Array, *, valid: Array | None, causal: bool,

@@ -2,19 +2,21 @@
 
 Everything that depends on where a score sits, rather than on its value (the
 causal triangle, the sliding window, the sequences of a packed batch, the
-ALiBi distance), is computed here from the *global* query and key indices
-of a block (:func:`block_indices`), so that a block of any path (dense,
-chunked, backward, a Dask task) gets the same answer.
+ALiBi distance, the dropout keep-mask), is computed here from the *global*
+query and key indices of a block (:func:`block_indices`), so that a block of
+any path (dense, chunked, backward, a Dask task) gets the same answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
 from ._checks import check_positive_int
 from ._lib._namespace import Array
+from ._random import dropout_keep
 
 __all__ = [
     "Variants",
@@ -22,9 +24,11 @@ __all__ = [
     "block_indices",
     "causal_mask",
     "combine",
+    "dropout_scale",
     "key_range",
     "positional",
     "rel_bounds",
+    "with_lead_index",
 ]
 
 
@@ -55,6 +59,17 @@ class Variants:
         ``diag(i)`` per query ``(L,)``, when it is not ``i + offset``.
     offset : int or None
         ``diag(0)`` of the rows at hand (default ``S - L``).
+    dropout : (float, int) or None
+        ``(p, seed)``: dropout on the attention weights with probability
+        ``0 < p <= 1``, its keep-mask from :func:`~mha_xp._random.dropout_keep`
+        at the global position (flattened leading index, query row, key
+        column) under ``seed``.
+    lead_index : array or None
+        The global flattened index of each leading (batch, head) position of
+        the rows at hand, int32, of the broadcast leading shape; None: the
+        C-order index over that shape (``arange(prod(lead))`` reshaped).
+    row_start : int
+        Global index of the first row at hand (a Dask task's block of rows).
     """
 
     window: tuple[int, int] | None = None
@@ -64,6 +79,9 @@ class Variants:
     k_seg: Array | None = None
     q_diag: Array | None = None
     offset: int | None = None
+    dropout: tuple[float, int] | None = None
+    lead_index: Array | None = None
+    row_start: int = 0
 
     def positional(self) -> bool:
         """Whether a mask or bias depends on the positions beyond the causal triangle."""
@@ -186,6 +204,46 @@ def positional(
     if slopes is not None:
         bias = slopes * xp.abs(xp.astype(rel, dtype))
     return allowed, bias
+
+
+def with_lead_index(variants: Variants | None, lead: tuple[int, ...], /, *, xp: ModuleType,
+                    device: Any) -> Variants | None:
+    """``variants`` with the leading index of dropout filled in: the C-order
+    flattened index over the broadcast leading shape ``lead`` (made once per
+    call, not once per block). Unchanged without dropout or when given."""
+    if variants is None or variants.dropout is None or variants.lead_index is not None:
+        return variants
+    index = xp.arange(math.prod(lead), dtype=xp.int32, device=device)
+    return replace(variants, lead_index=xp.reshape(index, lead))
+
+
+def dropout_scale(
+    rows: slice, cols: slice, /, *, variants: Variants | None, dtype: Any, xp: ModuleType,
+    device: Any,
+) -> Array | None:
+    """``Z / (1 - p)`` of a score block, in ``dtype``: the dropout keep-mask
+    ``Z`` of rows ``rows`` (counted from ``variants.row_start``) and keys
+    ``cols``, over the leading positions ``variants.lead_index`` (filled by
+    :func:`with_lead_index`), of shape ``lead + (rows, cols)``; zeros for
+    ``p = 1``. None without dropout. Regenerated from the seed by every path
+    and by the backward; never stored."""
+    if variants is None or variants.dropout is None:
+        return None
+    p, seed = variants.dropout
+    index = variants.lead_index
+    lead = tuple(index.shape)
+    r0 = variants.row_start
+    n, m = rows.stop - rows.start, cols.stop - cols.start
+    if p >= 1.0:
+        return xp.zeros(lead + (n, m), dtype=dtype, device=device)
+    # dropout_keep reads a 0-d index array as a leading axis; give it one of size 1.
+    keep = dropout_keep(seed, xp.reshape(index, (-1,)) if not lead else index,
+                        range(r0 + rows.start, r0 + rows.stop), range(cols.start, cols.stop),
+                        p, xp=xp, device=device)
+    if not lead:
+        keep = xp.reshape(keep, (n, m))
+    return xp.where(keep, xp.asarray(1.0 / (1.0 - p), dtype=dtype, device=device),
+                    xp.asarray(0.0, dtype=dtype, device=device))
 
 
 def causal_mask(L: int, S: int, /, *, xp: ModuleType, device: Any) -> Array:

@@ -23,6 +23,12 @@ merge that would make a block larger than both the input's largest block and
 Dask's ``array.chunk-size`` (128 MiB by default) splits the batch, head or
 query axes of that array instead; the chunks of the other arguments follow
 (blockwise unifies the loop axes).
+
+Position-dependent terms use *global* indices, so that a task computes the
+same as the undivided call: the causal and window diagonals shift with the
+block's first row, and dropout's keep-mask is keyed by the block's global
+rows and by the global flattened (batch, head) index of each of its leading
+positions, passed in as one more blocked argument (``lead_index``).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def _block_task(
     names: tuple[str, ...], attend: Callable[..., Any], L: int, S: int, is_causal: bool,
     scale: float, return_weights: bool, chunk_size: tuple[int, int] | None, budget: int,
     window: tuple[int, int] | None = None, softcap: float | None = None,
+    dropout: tuple[float, int] | None = None,
 ) -> tuple[Array, ...]:
     """Attention of one block of queries against all keys: ``(out, m, l[, weights])``.
 
@@ -66,9 +73,13 @@ def _block_task(
     # block's last visible one on are dropped.
     i0, i1 = int(rows[0]), int(rows[-1]) + 1
     row_opt = {n: opt.pop(n) for n in ("q_seg", "q_diag") if n in opt}
+    lead_index = opt.pop("lead_index", None)
+    if lead_index is not None:  # (..., 1): the block's global (batch, head) indices
+        lead_index = xp.asarray(lead_index[..., 0], device=device_of(q))
     variants = Variants(window=window, softcap=softcap, neg_slopes=opt.pop("neg_slopes", None),
                         q_seg=row_opt.get("q_seg"), k_seg=opt.get("k_seg"),
-                        q_diag=row_opt.get("q_diag"), offset=i0 + S - L)
+                        q_diag=row_opt.get("q_diag"), offset=i0 + S - L, dropout=dropout,
+                        lead_index=lead_index, row_start=i0)
     s_end = key_range(i0, i1, S, S - L, is_causal, variants)[1]
     lead = tuple(int(n) for n in _broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
     dtype, dev = q.dtype, device_of(q)
@@ -201,6 +212,15 @@ def attend_blocks(
             args.append(a)
             signature.append("()")
             names.append(name)
+    if v.dropout is not None:
+        # The global flattened index of every leading (batch, head) position,
+        # with a size-1 query axis: each task gets those of its block.
+        lead = _broadcast_shapes(*(tuple(int(n) for n in t.shape[:-2])
+                                   for t in (query, key, value)))
+        index = da.arange(math.prod(lead), dtype=xp.int32)
+        args.append(da.reshape(index, lead + (1,)))
+        signature.append("()")
+        names.append("lead_index")
     outputs = ["(e)", "()", "()"] + (["(s)"] if return_weights else [])
     dtypes = [query.dtype, work, work] + ([query.dtype] if return_weights else [])
     results = da.apply_gufunc(
@@ -211,7 +231,7 @@ def attend_blocks(
         output_sizes={"s": S, "e": int(value.shape[-1])}, allow_rechunk=True,
         names=tuple(names), attend=attend, L=L, S=S, is_causal=is_causal, scale=scale,
         return_weights=return_weights, chunk_size=chunk_size, budget=budget,
-        window=v.window, softcap=v.softcap,
+        window=v.window, softcap=v.softcap, dropout=v.dropout,
     )
     out, m, l = results[:3]
     weights = results[3] if return_weights else None

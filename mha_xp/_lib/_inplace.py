@@ -19,6 +19,7 @@ __all__ = [
     "add_into",
     "divide_into",
     "gated_difference",
+    "multiply_into",
     "shifted_exp",
     "softcap_into",
     "writes_in_place",
@@ -56,6 +57,14 @@ def divide_into(e: Array, d: Array, /, *, xp: ModuleType, in_place: bool) -> Arr
     if in_place and _fits(d, e):
         return xp.divide(e, d, out=e)
     return e / d
+
+
+def multiply_into(a: Array, b: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``a * b``, overwriting ``a`` (a temporary of ours) when allowed (e.g. a
+    block of probabilities times its dropout factors ``Z / (1 - p)``)."""
+    if in_place and _fits(b, a):
+        return xp.multiply(a, b, out=a)
+    return a * b
 
 
 def gated_difference(dp: Array, d: Array, p: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
