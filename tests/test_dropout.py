@@ -234,6 +234,17 @@ class TestSemantics:
         for a, b in zip(g_fast, g_port):
             np.testing.assert_array_equal(a, b)
 
+    def test_large_calls_take_the_chunked_path(self, rng, monkeypatch):
+        # With dropout the dense path is kept for score tensors of one block at
+        # most (the mask is faster to generate in blocks): shrink the block.
+        import mha_xp._attention as core
+
+        monkeypatch.setattr(core, "_BLOCK_ELEMENTS", 16)
+        q, k, v = _inputs(rng)
+        blocks = core.default_blocks((2, 4), 9, 11)
+        out = SDPA(q, k, v, dropout_p=0.3, seed=2, memory_budget=2**30)
+        np.testing.assert_array_equal(out, SDPA(q, k, v, dropout_p=0.3, seed=2, chunk_size=blocks))
+
     def test_broadcast_leading_index(self, rng):
         # A query shared across the batch: the mask's leading index is over the
         # output's broadcast (batch, head) shape, so every batch entry differs.
