@@ -44,10 +44,11 @@ from ._chunked import (
     chunked_weights,
     lse_from_stats,
     merge_partials,
+    with_ones_column,
 )
 from ._config import resolve_budget
 from ._lib._dask import attend_blocks
-from ._lib._math import masked_softmax
+from ._lib._math import masked_softmax, unnormalised_attention
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
 from ._lib._inplace import multiply_into, writes_in_place
 from ._masks import Variants, dropout_scale, with_lead_index
@@ -199,6 +200,20 @@ def attend(
             query * scale, key, mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
             rows=slice(0, L), cols=slice(0, S), offset=diag_offset(L, S, variants), xp=xp,
             in_place=writes_in_place(xp), variants=variants)
+        if variants is None or variants.dropout is None:
+            # Leave exp(s - m) unnormalised, get its row sums from the P V
+            # matmul and divide the (L, Dv) output rather than the (L, S)
+            # probabilities: two passes over the scores fewer (the weights,
+            # when asked for, are normalised after the matmul).
+            out, weights, stats = unnormalised_attention(
+                scores, with_ones_column(value, xp=xp), xp=xp, return_weights=return_weights)
+            out = _expand(out, lead + (L, value.shape[-1]), xp)
+            weights = _expand(weights, lead + (L, S), xp) if return_weights else None
+            stats = tuple(_expand(t, lead + (L,), xp) for t in stats) if return_stats else None
+            if work != dtype:
+                out = xp.astype(out, dtype)
+                weights = None if weights is None else xp.astype(weights, dtype)
+            return out, weights, stats
         if return_stats:
             weights, stats = masked_softmax(scores, None, xp=xp, return_stats=True)
             stats = tuple(_expand(t, lead + (L,), xp) for t in stats)

@@ -189,6 +189,13 @@ def chunked_attention(
     variants = with_lead_index(variants, lead, xp=xp, device=dev)
 
     outs, maxes, sums = [], [], []
+    Dv = value.shape[-1]
+    # Without dropout, the row sums of exp(s - m) come out of the P V matmul
+    # (BLAS, all cores) through a column of ones appended to V, instead of a
+    # separate single-threaded pass over every score block.
+    sums_in_matmul = variants is None or variants.dropout is None
+    if sums_in_matmul:
+        value = with_ones_column(value, xp=xp)
     for i0 in range(0, L, q_block):
         i1 = min(i0 + q_block, L)
         rows = slice(i0, i1)
@@ -207,6 +214,12 @@ def chunked_attention(
             # A row with nothing allowed yet has max -inf: shift by 0 so exp gives 0.
             shift = xp.where(m_new == neg_inf, zero, m_new)
             p = shifted_exp(s, shift, xp=xp, in_place=in_place)
+            if sums_in_matmul:
+                pv = xp.matmul(p, value[..., cols, :])  # (..., rows, Dv + 1): sums last
+                alpha = None if m is None else xp.exp(m - shift)
+                acc = pv if m is None else alpha * acc + pv
+                m = m_new
+                continue
             p_sum = xp.sum(p, axis=-1, keepdims=True)  # undropped: the softmax's normaliser
             drop = dropout_scale(rows, cols, variants=variants, dtype=dtype, xp=xp, device=dev)
             if drop is not None:
@@ -221,17 +234,27 @@ def chunked_attention(
             m = m_new
         rows_lead = lead + (i1 - i0,)
         if m is None:  # every key block lies outside the diagonal band: nothing to attend to
-            outs.append(xp.zeros(rows_lead + (value.shape[-1],), dtype=dtype, device=dev))
+            outs.append(xp.zeros(rows_lead + (Dv,), dtype=dtype, device=dev))
             maxes.append(xp.zeros(rows_lead, dtype=dtype, device=dev))
             sums.append(xp.zeros(rows_lead, dtype=dtype, device=dev))
             continue
-        outs.append(xp.broadcast_to(acc / xp.where(l == zero, one, l),
-                                    rows_lead + (value.shape[-1],)))
+        if sums_in_matmul:
+            acc, l = acc[..., :Dv], acc[..., Dv:]
+        outs.append(xp.broadcast_to(acc / xp.where(l == zero, one, l), rows_lead + (Dv,)))
         maxes.append(xp.broadcast_to(xp.where(m == neg_inf, zero, m)[..., 0], rows_lead))
         sums.append(xp.broadcast_to(l[..., 0], rows_lead))
     if len(outs) == 1:
         return outs[0], (maxes[0], sums[0])
     return xp.concat(outs, axis=-2), (xp.concat(maxes, axis=-1), xp.concat(sums, axis=-1))
+
+
+def with_ones_column(value: Array, /, *, xp: ModuleType) -> Array:
+    """``value`` with a column of ones appended, ``(..., S, Dv + 1)``: then
+    ``P @ result`` holds ``P @ value`` and, in its last column, the row sums
+    of ``P``, computed by the matmul rather than by a separate pass over
+    ``P``."""
+    ones = xp.ones(tuple(value.shape[:-1]) + (1,), dtype=value.dtype, device=device_of(value))
+    return xp.concat([value, ones], axis=-1)
 
 
 def diag_offset(L: int, S: int, variants: Variants | None) -> int:

@@ -10,7 +10,7 @@ from array_api_compat import device
 from ._inplace import divide_into, shifted_exp, writes_in_place
 from ._namespace import Array
 
-__all__ = ["masked_softmax"]
+__all__ = ["masked_softmax", "unnormalised_attention"]
 
 
 def masked_softmax(
@@ -71,3 +71,45 @@ def masked_softmax(
     if not return_stats:
         return probs
     return probs, (row_max[..., 0], total[..., 0])
+
+
+def unnormalised_attention(
+    scores: Array, value_ones: Array, /, *, xp: ModuleType, return_weights: bool = False,
+    in_place: bool | None = None,
+) -> tuple[Array, Array | None, tuple[Array, Array]]:
+    """``softmax(scores) @ value`` without normalising the probabilities first.
+
+    ``value_ones`` is the value with a column of ones appended
+    (``(..., S, Dv + 1)``), so that one matmul of ``e = exp(scores - m)``
+    gives both ``e @ value`` and the row sums ``l`` of ``e``; the ``(..., L,
+    Dv)`` result is then divided by ``l``. Against :func:`masked_softmax`
+    followed by a matmul this saves the passes over the ``(..., L, S)``
+    scores that sum and divide them. Rows with nothing allowed (all scores
+    ``-inf``) give zeros. With ``return_weights=True`` the probabilities are
+    normalised after the matmul, so asking for them never changes ``out``.
+
+    Returns
+    -------
+    out : array
+        ``(..., L, Dv)``.
+    weights : array or None
+        The probabilities ``(..., L, S)``, with ``return_weights=True``.
+    stats : (array, array)
+        The rows' shift ``m`` and sum ``l``, as :func:`masked_softmax` returns
+        them with ``return_stats=True``.
+    """
+    dev = device(scores)
+    neg_inf = xp.asarray(-math.inf, dtype=scores.dtype, device=dev)
+    zero = xp.asarray(0.0, dtype=scores.dtype, device=dev)
+    row_max = xp.max(scores, axis=-1, keepdims=True)
+    row_max = xp.where(row_max == neg_inf, zero, row_max)
+    if in_place is None:
+        in_place = writes_in_place(xp)
+    e = shifted_exp(scores, row_max, xp=xp, in_place=in_place)
+    out_sums = xp.matmul(e, value_ones)
+    Dv = value_ones.shape[-1] - 1
+    total = out_sums[..., Dv:]
+    safe = xp.where(total == zero, xp.ones_like(total), total)
+    out = out_sums[..., :Dv] / safe
+    weights = divide_into(e, safe, xp=xp, in_place=in_place) if return_weights else None
+    return out, weights, (row_max[..., 0], total[..., 0])
