@@ -58,10 +58,13 @@ class KVCache:
     rather than in place. Shapes never change, so ``jax.jit`` compiles one
     step for all positions and nothing is reallocated as the sequence
     grows; the price is ``O(max_length)`` rather than ``O(length)`` work per
-    step, as in Flax's decode cache. Writing past ``max_length`` cannot be
-    detected without reading ``length`` (which would end laziness on Dask
-    and tracing under ``jax.jit``): positions beyond ``max_length`` are
-    dropped silently, so choose ``max_length`` for the longest sequence.
+    step, as in Flax's decode cache. Writing past ``max_length`` raises
+    ``ValueError`` where the filled length can be read for free (NumPy,
+    array-api-strict, torch on the CPU); on CuPy, CUDA torch, JAX and Dask
+    reading it would mean a device sync, or is impossible (under
+    ``jax.jit``, on a lazy Dask array), so there positions beyond
+    ``max_length`` are dropped: choose ``max_length`` for the longest
+    sequence.
     """
 
     key: Array

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
-from ._attention import attend, attend_backward
+from ._attention import _host_readable, attend, attend_backward
 from ._backward import unbroadcast
 from ._cache import KVCache
 from ._masks import Variants, alibi_slopes, combine
@@ -1115,6 +1115,14 @@ class MultiHeadAttention:
         if L > cache.max_length:
             raise ValueError(f"query has {L} positions but the cache holds at most "
                              f"max_length = {cache.max_length}")
+        # Where reading the filled length is free (an eager host array), an
+        # overflow is an error; on GPU, lazy or traced arrays it cannot be
+        # checked without a sync or a concrete value (documented on KVCache).
+        if _host_readable(cache.length) and int(cache.length) + L > cache.max_length:
+            raise ValueError(f"the cache holds {int(cache.length)} of its max_length = "
+                             f"{cache.max_length} positions: {L} more do not fit; make the "
+                             f"cache with layer.init_cache(batch_size, max_length) for the "
+                             f"longest sequence")
 
     def vjp(
         self,

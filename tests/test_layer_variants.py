@@ -305,6 +305,19 @@ class TestKVCache:
         y2, cache = layer(x[3:], cache=cache, is_causal=True)
         assert rel_err(np.concatenate([y, y2]), layer(x, is_causal=True)) <= 1e-13
 
+    @pytest.mark.parametrize("name", ["numpy", "array_api_strict", "torch"])
+    def test_overflow_is_an_error_where_length_is_readable(self, rng, name):
+        from conftest import make_backend
+
+        backend = make_backend(name)
+        layer = _to_backend(MHA(8, 2, seed=3), backend, "float64")
+        x = backend.asarray(rng.standard_normal((1, 3, 8)), "float64")
+        _, cache = layer(x, cache=layer.init_cache(1, 5), is_causal=True)
+        with pytest.raises(ValueError, match=r"holds 3 of its max_length = 5 positions: 3 more"):
+            layer(x, cache=cache, is_causal=True)
+        _, cache = layer(x[:, :2, :], cache=cache, is_causal=True)  # exactly full is fine
+        assert int(backend.to_numpy(cache.length)) == 5
+
     def test_cache_is_not_modified(self, rng):
         layer = MHA(8, 2, seed=3)
         x = rng.standard_normal((1, 4, 8))
