@@ -10,6 +10,13 @@ still be a lazy Dask array) and ``cupy`` (needs a CUDA device).
 ``MHA_XP_REQUIRE=numpy,torch,...`` turns a missing backend into a failure
 instead of a skip (CI sets it, so PyTorch and array-api-strict never skip
 silently there).
+
+JAX compiles every operation for every new shape, and Dask builds and
+schedules a graph per call: on them the whole suite takes several times as
+long as on the eager backends, which share all of mha_xp's code with them.
+By default they run the test files of ``SLOW_BACKEND_FILES`` (the core
+semantics, the paths, the gradients, the random generator and what is
+specific to them); ``MHA_XP_FULL_MATRIX=1`` runs every test on them too.
 """
 
 from __future__ import annotations
@@ -32,6 +39,35 @@ _MODULES = {"jax": "jax.numpy", "dask": "dask.array"}
 # Relative error ‖out − ref‖ / ‖ref‖ allowed against the float64 reference, per dtype.
 # float16 inputs are computed in float32; the bound covers rounding the result to float16.
 REL_TOL = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-12}
+
+
+# Test files whose backend-parametrised tests run on JAX and Dask by default.
+SLOW_BACKEND_FILES = {
+    "jax": {"test_attention.py", "test_layer.py", "test_chunked.py", "test_backward.py",
+            "test_random.py", "test_scaling.py"},
+    "dask": {"test_attention.py", "test_layer.py", "test_chunked.py", "test_variants.py",
+             "test_dropout.py", "test_random.py", "test_regressions.py", "test_scaling.py"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect JAX and Dask cases outside ``SLOW_BACKEND_FILES`` (see the
+    module docstring) unless ``MHA_XP_FULL_MATRIX=1``."""
+    if os.environ.get("MHA_XP_FULL_MATRIX") == "1":
+        return
+    keep, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        name = None if callspec is None else callspec.params.get(
+            "backend", callspec.params.get("backend_f16"))
+        files = SLOW_BACKEND_FILES.get(name) if isinstance(name, str) else None
+        if files is not None and item.path.name not in files:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def _selected(names: tuple[str, ...]) -> list[str]:
