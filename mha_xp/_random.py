@@ -215,6 +215,8 @@ def random_words(
                 f"{name} must be an int, a range or a 1-d array, got shape {tuple(a.shape)}"
             )
     lead = () if isinstance(batch_head_index, numbers.Integral) else tuple(b.shape)
+    if not lead:  # an int or a 0-d array: one leading axis of length 1, dropped below
+        b = xp.reshape(b, (1,))
     b = xp.reshape(b, tuple(b.shape) + (1, 1))
     kb0, kb1 = threefry2x32((seed, seed >> 32), (b, xp.zeros_like(b)))
     i = xp.reshape(i, (-1, 1))

@@ -184,6 +184,10 @@ def test_blocks_equal_slices_of_full_mask(backend, rng):
     block = dropout_keep(seed, backend.asarray(np.array([3, 1]), "int64"),
                          backend.asarray(rows, "int32"), backend.asarray(cols, "int64"), p, **kw)
     np.testing.assert_array_equal(backend.to_numpy(block), full[[3, 1]][:, rows][:, :, cols])
+    # A 0-d index array addresses one (batch, head) like an int (regression:
+    # it used to drop a row axis instead).
+    block = dropout_keep(seed, backend.asarray(np.array(2), "int64"), range(3, 7), range(S), p, **kw)
+    np.testing.assert_array_equal(backend.to_numpy(block), full[2, 3:7])
 
 
 def test_device_and_namespace_preserved(backend):
