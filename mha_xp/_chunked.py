@@ -39,7 +39,6 @@ from ._lib._namespace import Array
 __all__ = [
     "block_scores",
     "broadcast_lead",
-    "causal_key_end",
     "diag_offset",
     "chunked_attention",
     "chunked_weights",
@@ -114,11 +113,6 @@ def block_scores(
     if allowed is not None:
         s = xp.where(allowed, s, xp.asarray(-math.inf, dtype=s.dtype, device=device_of(s)))
     return (s, t) if return_tanh else s
-
-
-def causal_key_end(i1: int, S: int, offset: int, is_causal: bool) -> int:
-    """One past the last key that query rows ``< i1`` may see."""
-    return max(0, min(S, i1 + offset)) if is_causal else S
 
 
 def chunked_attention(

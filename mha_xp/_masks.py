@@ -22,7 +22,6 @@ __all__ = [
     "Variants",
     "alibi_slopes",
     "block_indices",
-    "causal_mask",
     "combine",
     "dropout_scale",
     "key_range",
@@ -244,19 +243,6 @@ def dropout_scale(
         keep = xp.reshape(keep, (n, m))
     return xp.where(keep, xp.asarray(1.0 / (1.0 - p), dtype=dtype, device=device),
                     xp.asarray(0.0, dtype=dtype, device=device))
-
-
-def causal_mask(L: int, S: int, /, *, xp: ModuleType, device: Any) -> Array:
-    """Boolean ``(L, S)`` mask, True where query ``i`` may attend key ``j``.
-
-    The triangle is aligned bottom-right, as in FlashAttention: query ``i``
-    sees keys ``j <= i + S - L``, so the last query always sees the last key
-    (right for queries that are the tail of a longer key sequence). For
-    ``L == S`` this is the usual lower triangle.
-    """
-    i = xp.arange(L, device=device)
-    j = xp.arange(S, device=device)
-    return xp.expand_dims(i + (S - L), axis=1) >= xp.expand_dims(j, axis=0)
 
 
 def combine(a: Array | None, b: Array | None, /, *, xp: ModuleType) -> Array | None:
