@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The repository root (for result files). The benchmarks time mha_xp as
+# installed (``python -m pip install .``), like any other user of it.
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def rss() -> int:

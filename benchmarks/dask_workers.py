@@ -27,8 +27,8 @@ import statistics
 import time
 from pathlib import Path
 
-import _harness  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
+import _harness
 from _harness import machine, table
 
 import mha_xp

@@ -95,26 +95,40 @@ def say(*parts: Any) -> None:
 # -- dependencies ---------------------------------------------------------------
 
 
+_REEXEC = "MHA_XP_GPU_BENCH_PATH"
+
+
 def unpack_wheels(dirs: list[Path]) -> list[str]:
     """Unpack the pure-Python wheels of ``dirs`` whose package is not
-    importable into a temporary directory, put it first on ``sys.path`` and
-    return it (for the test run's ``PYTHONPATH``)."""
+    importable into a temporary directory and return it, with the checkout
+    when mha_xp itself is not importable: the ``PYTHONPATH`` entries this
+    script and its test run need (see :func:`reexec_with`)."""
     wheels = sorted(w for d in dirs if d.is_dir() for w in d.glob("*.whl"))
     missing = []
     for w in wheels:
         module = w.name.split("-", 1)[0].replace("-", "_").lower()
         if importlib.util.find_spec(module) is None:
             missing.append(w)
+    extra = [] if importlib.util.find_spec("mha_xp") is not None else [str(ROOT)]
     if not missing:
-        return []
+        return extra
     target = Path(tempfile.mkdtemp(prefix="mha_xp_wheels_"))
     for w in missing:
         with zipfile.ZipFile(w) as z:
             z.extractall(target)
         say(f"using {w.name} (unpacked into {target})")
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    return [str(target)]
+    return [str(target), *extra]
+
+
+def reexec_with(extra_path: list[str]) -> None:
+    """Run this script again with ``extra_path`` in front of ``PYTHONPATH``
+    (once), rather than editing ``sys.path`` of a running interpreter."""
+    if not extra_path or os.environ.get(_REEXEC):
+        return
+    env = dict(os.environ, **{_REEXEC: os.pathsep.join(extra_path)})
+    env["PYTHONPATH"] = os.pathsep.join([*extra_path, *filter(None, [env.get("PYTHONPATH")])])
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def require_modules() -> None:
@@ -479,6 +493,8 @@ def main() -> int:
     try:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         extra_path = unpack_wheels([*args.wheels, *WHEEL_DIRS])
+        reexec_with(extra_path)
+        extra_path = [p for p in os.environ.get(_REEXEC, "").split(os.pathsep) if p]
         require_modules()
         if not args.dry_run:
             open_gpu()
@@ -490,9 +506,6 @@ def main() -> int:
         except OSError:
             pass
         return 2
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
     report: dict[str, Any] = {"command": "python3 benchmarks/gpu.py " + " ".join(sys.argv[1:]),
                               "shape": {"B": B, "E": E, "H": H}, "lengths": list(lengths),
                               "repeats": repeats, "tests": None, "cases": []}

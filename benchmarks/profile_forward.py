@@ -40,7 +40,7 @@ from _harness import table
 from run import CONFIGS, inputs, numpy_mha, weights
 
 import mha_xp
-from mha_xp._attention import default_blocks
+from mha_xp._core._plan import default_blocks
 
 
 def median_time(fn: Callable[[], object], min_time: float = 0.2, max_repeats: int = 200) -> float:
@@ -338,14 +338,6 @@ def experiments(name: str, dtype: str, rounds: int) -> str:
     w = [sd[n] for n in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
     fns["hand-written numpy"] = lambda: numpy_mha(x, *w, H)
     dense = B * H * L * L * x.dtype.itemsize <= mha_xp.get_memory_budget()
-    if name == "tiny":
-        from mha_xp._layer import _Call
-
-        call = _Call(x, x, x, None, None, None, None, True, "query", "query")
-        fns["mha_xp without validation (layer._forward)"] = lambda: layer._forward(
-            call, is_causal=False, return_weights=False, memory_budget=None, residuals=False)
-        fns["mha_xp validation only (layer._check_call)"] = lambda: layer._check_call(
-            x, None, None, None, None, None, None)
     if dense:
         fns["proto dense, 1 thread"] = lambda: proto_dense(x, P, H)
         fns["proto dense, softmax in 2 threads"] = lambda: proto_dense(x, P, H, threads=2)

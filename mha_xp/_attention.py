@@ -1,22 +1,17 @@
-"""Scaled dot-product attention: the public functions and the shared core."""
+"""Scaled dot-product attention: the public functions.
+
+Each one validates its arguments (:mod:`mha_xp._checks`), builds one
+:class:`~mha_xp._spec.AttentionSpec`, asks the planner how to compute it
+(:mod:`mha_xp._core._plan`) and calls the core (:mod:`mha_xp._core`).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import replace
 from collections.abc import Callable, Sequence
 from types import ModuleType, SimpleNamespace
 from typing import Any
-
-from array_api_compat import (
-    array_namespace,
-    device as device_of,
-    is_array_api_strict_namespace,
-    is_dask_namespace,
-    is_numpy_array,
-    is_torch_array,
-)
 
 from ._checks import (
     check_alibi_slopes,
@@ -28,329 +23,97 @@ from ._checks import (
     check_gqa,
     check_grad,
     check_mask,
+    check_positive_int,
     check_same_dtype,
     check_scale,
     check_sdpa_shapes,
     check_softcap,
     check_window,
 )
-from . import _config
-from ._backward import attention_backward
-from ._chunked import (
-    block_scores,
-    broadcast_lead,
-    diag_offset,
-    chunked_attention,
-    chunked_weights,
-    lse_from_stats,
-    merge_partials,
-    with_ones_column,
-)
-from ._config import resolve_budget
-from ._lib._dask import attend_blocks
-from ._lib._math import masked_softmax, unnormalised_attention
+from ._core._backward import Saved
+from ._core._dispatch import attend as core_attend, attend_backward as core_backward
+from ._core._plan import plan_call
+from ._core._positions import standard_alibi_slopes
+from ._lib._backends import host_readable
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
-from ._lib._inplace import multiply_into, writes_in_place
-from ._masks import Variants, dropout_scale, with_lead_index
+from ._lib._shapes import broadcast_shapes
+from ._lib._softmax import lse_from_stats, merge_partials
+from ._spec import AttentionSpec, Plan, Request
 
 __all__ = [
-    "attend",
+    "alibi_slopes",
     "attention_vjp",
-    "attend_backward",
     "attention_with_lse",
-    "default_blocks",
     "merge_attention",
-    "plan_blocks",
+    "run_attention",
     "scaled_dot_product_attention",
 ]
 
-# Default key block of the chunked path, and the size (elements) of one score
-# block across all batch and head indices: 2**21 float32 = 8 MiB, which
-# measured fastest here among 256..4096-wide blocks (within ~10 %), while
-# keeping the Python loop short.
-_K_BLOCK = 512
-_BLOCK_ELEMENTS = 2**21
-# Calls whose dense scores take less than this never consult the memory guard.
-_GUARD_FROM_BYTES = 2**24
 
+def alibi_slopes(num_heads: int) -> list[float]:
+    """The standard ALiBi slopes for ``num_heads`` heads, as Python floats.
 
-def default_blocks(lead: tuple[int, ...], L: int, S: int) -> tuple[int, int]:
-    """The chunked path's blocks: keys in blocks of 512, queries in blocks
-    sized so that one score block holds about 2**21 elements in all."""
-    k_block = max(1, min(S, _K_BLOCK))
-    q_block = max(1, min(L, _BLOCK_ELEMENTS // max(1, math.prod(lead) * k_block)))
-    return q_block, k_block
+    For ``n`` a power of two, the geometric sequence ``2**(-8 k / n)``,
+    ``k = 1 .. n``; otherwise the slopes of the closest smaller power of two
+    ``c``, followed by the first ``n - c`` of the odd-numbered slopes for
+    ``2 c`` heads (Press et al., "Train Short, Test Long", and the
+    reference implementation of the paper and BLOOM).
 
+    Parameters
+    ----------
+    num_heads : int
+        The number of (query) heads, positive.
 
-def plan_blocks(
-    lead: tuple[int, ...], L: int, S: int, itemsize: int, chunk_size: Any, budget: int
-) -> tuple[int, int] | None:
-    """Choose the dense path (``None``) or the chunked one with its blocks.
+    Returns
+    -------
+    list of float
+        ``num_heads`` slopes, largest first; a plain list, so that it goes to
+        any library and device with ``xp.asarray(slopes, dtype=...,
+        device=...)`` (the attention functions also take it as it is).
 
-    The dense path is taken while its ``(..., L, S)`` score tensor fits the
-    budget; ``chunk_size`` forces the chunked path with the given block.
+    Raises
+    ------
+    TypeError, ValueError
+        ``num_heads`` that is not a positive int.
+
+    Examples
+    --------
+    >>> import mha_xp
+    >>> mha_xp.alibi_slopes(8)
+    [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+    >>> [round(s, 4) for s in mha_xp.alibi_slopes(6)]
+    [0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125]
     """
-    if chunk_size is not None:
-        q_block, k_block = chunk_size
-        return min(q_block, max(L, 1)), min(k_block, max(S, 1))
-    if math.prod(lead) * L * S * itemsize <= budget:
-        return None
-    return default_blocks(lead, L, S)
+    return standard_alibi_slopes(check_positive_int("num_heads", num_heads))
 
 
-def attend(
-    query: Array,
-    key: Array,
-    value: Array,
-    /,
-    *,
-    mask: Array | None,
-    key_keep: Array | None,
-    bias: Array | None,
-    is_causal: bool,
-    scale: float,
-    return_weights: bool,
-    return_stats: bool,
-    chunk_size: tuple[int, int] | None,
-    memory_budget: int | None,
-    xp: ModuleType,
-    variants: Variants | None = None,
-) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
-    """Attention on validated inputs: ``softmax(Q K^T * scale + bias, allowed) V``.
-
-    ``allowed`` is the AND of ``mask``, ``key_keep`` (False on padding keys,
-    broadcastable to ``(..., 1, S)``), the causal triangle and what
-    ``variants`` (:class:`~mha_xp._masks.Variants`: window, soft-capping,
-    ALiBi, packed sequences) add; with dropout in ``variants``, the output is
-    ``(P * Z / (1 - p)) V`` while ``weights`` and ``stats`` are those of the
-    softmax ``P`` before dropout. Returns
-    ``(out, weights or None, stats or None)``, where ``stats = (m, l)`` are the
-    rows' softmax shift and sum (see :func:`~mha_xp._chunked.lse_from_stats`).
-
-    16-bit inputs are computed in float32 (the score matmul, the softmax sums
-    and the weighted sum of values accumulate in float32); ``out`` and
-    ``weights`` are cast back, ``stats`` stay float32.
-
-    On Dask arrays this builds one lazy task per block of queries, each
-    running this function on its block (:mod:`mha_xp._lib._dask`).
-
-    Grouped-query attention (``Hq = Hkv * G`` query heads on axis -3 against
-    ``Hkv`` key/value heads) runs as ordinary attention on queries reshaped to
-    ``(..., Hkv, G, L, D)`` against keys and values with a size-1 group axis,
-    which broadcasts: no copy of the keys and values per query head.
-    """
-    groups = gqa_groups(query, key, value)
-    if groups is not None:
-        out, weights, stats = attend(
-            _split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
-            xp.expand_dims(value, axis=-3), mask=_group(mask, groups, xp),
-            key_keep=_group(key_keep, groups, xp), bias=_group(bias, groups, xp),
-            is_causal=is_causal, scale=scale, return_weights=return_weights,
-            return_stats=return_stats, chunk_size=chunk_size, memory_budget=memory_budget, xp=xp,
-            variants=_group_variants(variants, groups, xp))
-        return (_ungroup(out, 2, xp), _ungroup(weights, 2, xp),
-                None if stats is None else tuple(_ungroup(t, 1, xp) for t in stats))
-    if is_dask_namespace(xp):
-        return attend_blocks(
-            attend, query, key, value, mask=mask, key_keep=key_keep, bias=bias,
-            is_causal=is_causal, scale=scale, return_weights=return_weights,
-            return_stats=return_stats, chunk_size=chunk_size,
-            memory_budget=memory_budget, xp=xp, variants=variants)
-    dtype = query.dtype
-    work = compute_dtype(dtype, xp)
-    if work != dtype:
-        query, key, value = (xp.astype(t, work) for t in (query, key, value))
-        bias = None if bias is None else xp.astype(bias, work)
-    mask, bias = _at_least_2d(mask, xp), _at_least_2d(bias, xp)
-    L, S = query.shape[-2], key.shape[-2]
-    lead = broadcast_lead(query, key, value)
-    itemsize = xp.finfo(work).bits // 8
-    budget = resolve_budget(memory_budget)
-    score_bytes = math.prod(lead) * L * S * itemsize
-    # Reading the available memory costs a file read: only for calls large
-    # enough for it to matter.
-    available = None
-    if score_bytes > _GUARD_FROM_BYTES and (return_weights or budget >= score_bytes):
-        available = _config.host_memory_available(xp, device_of(query))
-    if available is not None:
-        if return_weights and score_bytes > available:
-            raise MemoryError(
-                f"return_weights=True needs the {lead + (L, S)} attention weights, "
-                f"{score_bytes / 2**30:.1f} GiB in {dtype_name(work)}, but only "
-                f"{available / 2**30:.1f} GiB of memory is available; call without "
-                f"return_weights (attention itself takes the chunked path, whose memory "
-                f"is linear in L and S)"
-            )
-        # The dense path keeps about three score-sized arrays alive: never let a
-        # generous budget send it past the memory there is.
-        budget = min(budget, available // 4)
-    if variants is not None and variants.dropout is not None:
-        # Generating the keep-mask of the whole score matrix takes about three
-        # more score-sized temporaries (Threefry's words, the mask, the
-        # factors), and is faster in cache-sized blocks: measured (NumPy,
-        # float32, 8 heads, L = S = 512 to 1024) the chunked path took half the
-        # dense path's time once the scores outgrew one block of 2**21.
-        budget = min(budget // 2, _BLOCK_ELEMENTS * itemsize)
-    blocks = plan_blocks(lead, L, S, itemsize, chunk_size, budget)
-    variants = with_lead_index(variants, lead, xp=xp, device=device_of(query))
-    weights = stats = None
-    if blocks is None:
-        # Scale Q (L x D) rather than the scores (L x S).
-        scores = block_scores(
-            query * scale, key, mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
-            rows=slice(0, L), cols=slice(0, S), offset=diag_offset(L, S, variants), xp=xp,
-            in_place=writes_in_place(xp), variants=variants)
-        if variants is None or variants.dropout is None:
-            # Leave exp(s - m) unnormalised, get its row sums from the P V
-            # matmul and divide the (L, Dv) output rather than the (L, S)
-            # probabilities: two passes over the scores fewer (the weights,
-            # when asked for, are normalised after the matmul).
-            out, weights, stats = unnormalised_attention(
-                scores, with_ones_column(value, xp=xp), xp=xp, return_weights=return_weights)
-            out = _expand(out, lead + (L, value.shape[-1]), xp)
-            weights = _expand(weights, lead + (L, S), xp) if return_weights else None
-            stats = tuple(_expand(t, lead + (L,), xp) for t in stats) if return_stats else None
-            if work != dtype:
-                out = xp.astype(out, dtype)
-                weights = None if weights is None else xp.astype(weights, dtype)
-            return out, weights, stats
-        if return_stats:
-            weights, stats = masked_softmax(scores, None, xp=xp, return_stats=True)
-            stats = tuple(_expand(t, lead + (L,), xp) for t in stats)
-        else:
-            weights = masked_softmax(scores, None, xp=xp)
-        drop = dropout_scale(slice(0, L), slice(0, S), variants=variants, dtype=work, xp=xp,
-                             device=device_of(query))
-        if drop is None:
-            out = xp.matmul(weights, value)
-        else:  # the weights go back undropped: only overwrite them when they do not
-            out = xp.matmul(multiply_into(weights, drop, xp=xp, in_place=writes_in_place(xp)
-                                          and not return_weights), value)
-        out = _expand(out, lead + (L, value.shape[-1]), xp)
-        weights = _expand(weights, lead + (L, S), xp) if return_weights else None
-    else:
-        q_block, k_block = blocks
-        common = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=is_causal,
-                      scale=scale, q_block=q_block, k_block=k_block, xp=xp, variants=variants)
-        out, stats = chunked_attention(query, key, value, **common)
-        if return_weights:
-            weights = _expand(chunked_weights(query, key, stats, **common), lead + (L, S), xp)
-    if work != dtype:
-        out = xp.astype(out, dtype)
-        weights = None if weights is None else xp.astype(weights, dtype)
-    return out, weights, stats if return_stats else None
+def check_weights_fit(plan: Plan, shape: tuple[int, ...], work: Any) -> None:
+    """The memory guard: weights that cannot fit in the memory available
+    are refused up front, rather than by the operating system's OOM killer."""
+    if plan.available is not None and plan.weights_bytes > plan.available:
+        raise MemoryError(
+            f"return_weights=True needs the {shape} attention weights, "
+            f"{plan.weights_bytes / 2**30:.1f} GiB in {dtype_name(work)}, but only "
+            f"{plan.available / 2**30:.1f} GiB of memory is available; call without "
+            f"return_weights (attention itself takes the chunked path, whose memory "
+            f"is linear in L and S)"
+        )
 
 
-def gqa_groups(query: Array, key: Array, value: Array) -> tuple[int, int] | None:
-    """``(Hkv, G)`` when the query heads (axis -3) are ``G > 1`` groups of the
-    ``Hkv > 1`` key/value heads (grouped-query attention), else None (equal
-    heads, or a head axis of 1 that broadcasts: multi-query attention)."""
-    if min(query.ndim, key.ndim, value.ndim) < 3:
-        return None
-    hq = query.shape[-3]
-    hkv = key.shape[-3] if key.shape[-3] != 1 else value.shape[-3]
-    if hq == hkv or 1 in (hq, hkv):
-        return None
-    return hkv, hq // hkv
+def run_attention(query: Array, key: Array, value: Array, spec: AttentionSpec,
+                  request: Request, /, *, xp: ModuleType,
+                  ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
+    """Plan a validated call, check that it fits, and run it in the core:
+    ``(out, weights or None, stats or None)``."""
+    plan = plan_call(query, key, value, spec, request, xp=xp)
+    if plan.weights_bytes:
+        lead = broadcast_shapes(*(tuple(t.shape[:-2]) for t in (query, key, value)))
+        check_weights_fit(plan, lead + (query.shape[-2], key.shape[-2]),
+                          compute_dtype(query.dtype, xp))
+    return core_attend(query, key, value, spec, plan, xp=xp)
 
 
-def _group_variants(variants: Variants | None, groups: tuple[int, int],
-                    xp: ModuleType) -> Variants | None:
-    """``variants`` with the ALiBi slopes, and the leading index of dropout,
-    split into ``(Hkv, G)`` heads."""
-    if variants is None:
-        return variants
-    if variants.lead_index is not None and variants.lead_index.ndim >= 1:
-        index = variants.lead_index
-        variants = replace(variants, lead_index=xp.reshape(
-            index, tuple(index.shape[:-1]) + groups))
-    if variants.neg_slopes is None:
-        return variants
-    return replace(variants, neg_slopes=_group(variants.neg_slopes, groups, xp))
-
-
-def _group(x: Array | None, groups: tuple[int, int], xp: ModuleType) -> Array | None:
-    """An array broadcastable to the ``(..., Hq, L, S)`` scores, reshaped to
-    broadcast to ``(..., Hkv, G, L, S)`` (a reshape, never a copy per head)."""
-    if x is None or x.ndim < 3:
-        return x
-    heads = groups if x.shape[-3] != 1 else (1, 1)
-    return xp.reshape(x, tuple(x.shape[:-3]) + heads + tuple(x.shape[-2:]))
-
-
-def _ungroup(x: Array | None, core: int, xp: ModuleType) -> Array | None:
-    """Merge the ``(Hkv, G)`` axes in front of the last ``core`` axes back
-    into one head axis."""
-    if x is None:
-        return None
-    shape = tuple(x.shape)
-    n = len(shape) - core
-    return xp.reshape(x, shape[: n - 2] + (shape[n - 2] * shape[n - 1],) + shape[n:])
-
-
-def _split_heads(x: Array, groups: tuple[int, int], core: int, xp: ModuleType) -> Array:
-    """Split the head axis in front of the last ``core`` axes into ``(Hkv, G)``."""
-    shape = tuple(x.shape)
-    n = len(shape) - core
-    return xp.reshape(x, shape[: n - 1] + groups + shape[n:])
-
-
-def _at_least_2d(x: Array | None, xp: ModuleType) -> Array | None:
-    """A mask or bias with its (L, S) axes present (a 0-d or 1-d one
-    broadcasts against them), so that blocks can be sliced from it."""
-    if x is None or x.ndim >= 2:
-        return x
-    return xp.reshape(x, (1,) * (2 - x.ndim) + tuple(x.shape))
-
-
-def _expand(x: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:
-    """``x`` with the full broadcast shape (e.g. weights of a query that is
-    shared across a batch of values), as a new array, not a read-only view."""
-    if tuple(x.shape) == shape:
-        return x
-    return xp.broadcast_to(x, shape) + xp.zeros(shape, dtype=x.dtype, device=device_of(x))
-
-
-def _validate(
-    query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
-    scale: Any, chunk_size: Any, enable_gqa: Any = None, window: Any = None,
-    alibi_slopes: Any = None, softcap: Any = None, cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None, dropout_p: Any = 0.0, seed: Any = None,
-) -> tuple[ModuleType, float, tuple[int, int] | None, Variants | None]:
-    """Shared validation of the public attention functions."""
-    xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
-    dtype = check_same_dtype(xp, query=query, key=key, value=value)
-    groups = check_gqa(query, key, value, enable_gqa)
-    if groups is None:
-        scores_shape = check_sdpa_shapes(query, key, value)
-    else:  # the shapes attend works on: (..., Hkv, G, L, D) against (..., Hkv, 1, S, D)
-        q, k, v = (SimpleNamespace(shape=t.shape[:-3] + h + t.shape[-2:])
-                   for t, h in ((query, groups), (key, (key.shape[-3], 1)),
-                                (value, (value.shape[-3], 1))))
-        scores_shape = check_sdpa_shapes(q, k, v)
-        scores_shape = scores_shape[:-4] + (math.prod(scores_shape[-4:-2]),) + scores_shape[-2:]
-    labels = "(..., H, L, S)"
-    if mask is not None:
-        check_mask(mask, scores_shape, xp, labels)
-    if bias is not None:
-        check_bias(bias, dtype, scores_shape, xp, labels)
-    variants = _variants(xp, dev, dtype, scores_shape, window, alibi_slopes, softcap,
-                         cu_seqlens_q, cu_seqlens_k)
-    dropout = check_dropout(dropout_p, seed)
-    if dropout is not None:
-        variants = replace(Variants() if variants is None else variants, dropout=dropout)
-    return xp, check_scale(scale, query.shape[-1]), check_chunk_size(chunk_size), variants
-
-
-def _host_readable(x: Array) -> bool:
-    """Whether reading values of ``x`` is free: an eager array in host memory
-    (NumPy, array-api-strict, torch on the CPU), never a GPU, lazy or traced one."""
-    if is_numpy_array(x) or is_array_api_strict_namespace(array_namespace(x)):
-        return True
-    return is_torch_array(x) and x.device.type == "cpu"
-
-
-def _as_index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool, Any]:
+def _index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool, Any]:
     """``x`` as an integer array of ``xp`` on ``dev`` (a Python sequence of
     ints is converted), whether its values may be read for validation, and
     the Python ints themselves when it was a sequence (read on the host)."""
@@ -359,63 +122,97 @@ def _as_index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array,
             raise TypeError(f"{name} must be an integer array or a list of ints, got {x!r}")
         return xp.asarray(x, device=dev), True, list(x)
     common_namespace((xp, dev, "pass it with the inputs' library and device"), **{name: x})
-    return x, _host_readable(x), None
+    return x, host_readable(x), None
 
 
-def _variants(
-    xp: ModuleType, dev: Any, dtype: Any, scores_shape: tuple[int, ...], window: Any,
-    alibi_slopes: Any, softcap: Any, cu_seqlens_q: Any, cu_seqlens_k: Any,
-) -> Variants | None:
-    """Validate the score-level variants and put them in :class:`Variants` form."""
-    window, softcap = check_window(window), check_softcap(softcap)
-    L, S = scores_shape[-2:]
-    work = compute_dtype(dtype, xp)
-    neg_slopes = None
-    if alibi_slopes is not None:
-        if isinstance(alibi_slopes, (list, tuple)):
-            alibi_slopes = xp.asarray(alibi_slopes, dtype=work, device=dev)
-        else:
-            common_namespace((xp, dev, "pass it with the inputs' library and device"),
-                             alibi_slopes=alibi_slopes)
-        check_alibi_slopes(alibi_slopes, dtype, scores_shape, xp)
-        neg_slopes = -xp.astype(alibi_slopes, work)
-        neg_slopes = xp.reshape(neg_slopes, tuple(neg_slopes.shape) + (1, 1))
-    q_seg = k_seg = q_diag = None
-    if cu_seqlens_q is None and cu_seqlens_k is not None:
-        raise ValueError("cu_seqlens_k needs cu_seqlens_q (the queries' sequences)")
-    if cu_seqlens_q is not None:
-        same = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
-        cu_q, readable, host = _as_index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
-        if same and L != S:
+def _packed(xp: ModuleType, dev: Any, L: int, S: int, cu_seqlens_q: Any,
+            cu_seqlens_k: Any) -> dict[str, Array]:
+    """The spec's ``q_seg``, ``k_seg`` and ``q_diag`` of packed sequences."""
+    if cu_seqlens_q is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k needs cu_seqlens_q (the queries' sequences)")
+        return {}
+    same = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+    cu_q, readable, host = _index_array("cu_seqlens_q", cu_seqlens_q, xp, dev)
+    if same and L != S:
+        raise ValueError(
+            f"cu_seqlens_k defaults to cu_seqlens_q, which needs as many keys as queries, "
+            f"got L = {L} and S = {S}: pass cu_seqlens_k"
+        )
+    check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable, host)
+    cu_k = cu_q
+    if not same:
+        cu_k, readable, host = _index_array("cu_seqlens_k", cu_seqlens_k, xp, dev)
+        check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable, host)
+        if cu_k.shape[0] != cu_q.shape[0]:
             raise ValueError(
-                f"cu_seqlens_k defaults to cu_seqlens_q, which needs as many keys as queries, "
-                f"got L = {L} and S = {S}: pass cu_seqlens_k"
+                f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
+                f"shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
             )
-        check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable, host)
-        cu_k = cu_q
-        if not same:
-            cu_k, readable, host = _as_index_array("cu_seqlens_k", cu_seqlens_k, xp, dev)
-            check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable, host)
-            if cu_k.shape[0] != cu_q.shape[0]:
-                raise ValueError(
-                    f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
-                    f"shapes {tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
-                )
-            if cu_k.dtype != cu_q.dtype:
-                cu_k = xp.astype(cu_k, cu_q.dtype)
-        # On the device, by binary search: no host round trip.
-        q_seg = xp.searchsorted(cu_q, xp.arange(L, dtype=cu_q.dtype, device=dev), side="right") - 1
-        k_seg = q_seg if same else xp.searchsorted(
-            cu_k, xp.arange(S, dtype=cu_k.dtype, device=dev), side="right") - 1
-        if not same:
-            # The key bottom-right aligned with query i of sequence n:
-            # i - end_q(n) + end_k(n).
-            q_diag = (xp.arange(L, dtype=cu_q.dtype, device=dev)
-                      + xp.take(cu_k - cu_q, q_seg + 1, axis=0))
-    if window is None and softcap is None and neg_slopes is None and q_seg is None:
+        if cu_k.dtype != cu_q.dtype:
+            cu_k = xp.astype(cu_k, cu_q.dtype)
+    # On the device, by binary search: no host round trip.
+    q_seg = xp.searchsorted(cu_q, xp.arange(L, dtype=cu_q.dtype, device=dev), side="right") - 1
+    if same:
+        return {"q_seg": q_seg, "k_seg": q_seg}
+    k_seg = xp.searchsorted(cu_k, xp.arange(S, dtype=cu_k.dtype, device=dev), side="right") - 1
+    # The key bottom-right aligned with query i of sequence n: i - end_q(n) + end_k(n).
+    q_diag = xp.arange(L, dtype=cu_q.dtype, device=dev) + xp.take(cu_k - cu_q, q_seg + 1, axis=0)
+    return {"q_seg": q_seg, "k_seg": k_seg, "q_diag": q_diag}
+
+
+def _neg_slopes(xp: ModuleType, dev: Any, dtype: Any, scores_shape: tuple[int, ...],
+                alibi_slopes: Any) -> Array | None:
+    """Minus the ALiBi slopes, in the compute dtype, shaped to broadcast
+    against the leading shape followed by ``(1, 1)``."""
+    if alibi_slopes is None:
         return None
-    return Variants(window=window, softcap=softcap, neg_slopes=neg_slopes, q_seg=q_seg,
-                    k_seg=k_seg, q_diag=q_diag)
+    work = compute_dtype(dtype, xp)
+    if isinstance(alibi_slopes, (list, tuple)):
+        alibi_slopes = xp.asarray(alibi_slopes, dtype=work, device=dev)
+    else:
+        common_namespace((xp, dev, "pass it with the inputs' library and device"),
+                         alibi_slopes=alibi_slopes)
+    check_alibi_slopes(alibi_slopes, dtype, scores_shape, xp)
+    neg = -xp.astype(alibi_slopes, work)
+    return xp.reshape(neg, tuple(neg.shape) + (1, 1))
+
+
+def _scores_shape(query: Array, key: Array, value: Array, groups: tuple[int, int] | None,
+                  ) -> tuple[int, ...]:
+    """The validated shape of the scores, ``(..., H, L, S)``."""
+    if groups is None:
+        return check_sdpa_shapes(query, key, value)
+    # The shapes the core works on: (..., Hkv, G, L, D) against (..., Hkv, 1, S, D).
+    q, k, v = (SimpleNamespace(shape=t.shape[:-3] + h + t.shape[-2:])
+               for t, h in ((query, groups), (key, (key.shape[-3], 1)),
+                            (value, (value.shape[-3], 1))))
+    shape = check_sdpa_shapes(q, k, v)
+    return shape[:-4] + (math.prod(shape[-4:-2]),) + shape[-2:]
+
+
+def _validate(
+    query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
+    is_causal: Any, scale: Any, enable_gqa: Any, window: Any, alibi_slopes: Any, softcap: Any,
+    cu_seqlens_q: Any, cu_seqlens_k: Any, dropout_p: Any, seed: Any,
+) -> tuple[ModuleType, AttentionSpec]:
+    """The public attention functions' validation: the namespace and the spec."""
+    xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
+    dtype = check_same_dtype(xp, query=query, key=key, value=value)
+    scores_shape = _scores_shape(query, key, value, check_gqa(query, key, value, enable_gqa))
+    labels = "(..., H, L, S)"
+    if mask is not None:
+        check_mask(mask, scores_shape, xp, labels)
+    if bias is not None:
+        check_bias(bias, dtype, scores_shape, xp, labels)
+    window, softcap = check_window(window), check_softcap(softcap)
+    neg_slopes = _neg_slopes(xp, dev, dtype, scores_shape, alibi_slopes)
+    packed = _packed(xp, dev, scores_shape[-2], scores_shape[-1], cu_seqlens_q, cu_seqlens_k)
+    spec = AttentionSpec(
+        scale=check_scale(scale, query.shape[-1]), mask=mask, bias=bias,
+        is_causal=check_flag("is_causal", is_causal), window=window, softcap=softcap,
+        neg_slopes=neg_slopes, dropout=check_dropout(dropout_p, seed), **packed)
+    return xp, spec
 
 
 def scaled_dot_product_attention(
@@ -605,16 +402,12 @@ def scaled_dot_product_attention(
     >>> bool(np.allclose(chunked, out))
     True
     """
-    xp, scale, chunk_size, variants = _validate(
-        query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
-        softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
-    is_causal = check_flag("is_causal", is_causal)
+    xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
+                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     return_weights = check_flag("return_weights", return_weights)
-    out, weights, _ = attend(
-        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
-        scale=scale, return_weights=return_weights, return_stats=False,
-        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp, variants=variants,
-    )
+    request = Request(return_weights=return_weights, chunk_size=check_chunk_size(chunk_size),
+                      memory_budget=memory_budget)
+    out, weights, _ = run_attention(query, key, value, spec, request, xp=xp)
     return (out, weights) if return_weights else out
 
 
@@ -685,15 +478,11 @@ def attention_with_lse(
     >>> bool(np.allclose(lse, np.log(np.exp(s).sum(axis=-1))))
     True
     """
-    xp, scale, chunk_size, variants = _validate(
-        query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
-        softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
-    is_causal = check_flag("is_causal", is_causal)
-    out, _, stats = attend(
-        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
-        scale=scale, return_weights=False, return_stats=True,
-        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp, variants=variants,
-    )
+    xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
+                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+    request = Request(return_stats=True, chunk_size=check_chunk_size(chunk_size),
+                      memory_budget=memory_budget)
+    out, _, stats = run_attention(query, key, value, spec, request, xp=xp)
     return out, lse_from_stats(stats, xp=xp)
 
 
@@ -763,70 +552,6 @@ def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple
         out, lse = merge_partials(xp.astype(out1, work), lse1, xp.astype(out2, work), lse2, xp=xp)
         return xp.astype(out, out1.dtype), lse
     return merge_partials(out1, lse1, out2, lse2, xp=xp)
-
-
-def attend_backward(
-    query: Array,
-    key: Array,
-    value: Array,
-    out: Array,
-    stats: tuple[Array, Array],
-    grad_out: Array,
-    /,
-    *,
-    mask: Array | None,
-    key_keep: Array | None,
-    bias: Array | None,
-    is_causal: bool,
-    scale: float,
-    chunk_size: tuple[int, int] | None,
-    xp: ModuleType,
-    variants: Variants | None = None,
-) -> tuple[Array, Array, Array, Array | None]:
-    """Gradients of :func:`attend` from its saved output and row statistics.
-
-    The blocks are those of the chunked path (``chunk_size`` when given),
-    whatever path the forward took. 16-bit inputs are computed in float32 and the
-    gradients cast back to the inputs' dtype. Grouped-query attention is
-    reshaped as in :func:`attend`; the key and value gradients sum over the
-    query heads of their group.
-    """
-    groups = gqa_groups(query, key, value)
-    if groups is not None:
-        dq, dk, dv, dbias = attend_backward(
-            _split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
-            xp.expand_dims(value, axis=-3), _split_heads(out, groups, 2, xp),
-            tuple(_split_heads(t, groups, 1, xp) for t in stats),
-            _split_heads(grad_out, groups, 2, xp), mask=_group(mask, groups, xp),
-            key_keep=_group(key_keep, groups, xp), bias=_group(bias, groups, xp),
-            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp,
-            variants=_group_variants(variants, groups, xp))
-        return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
-                xp.reshape(dv, tuple(value.shape)),
-                None if dbias is None else xp.reshape(dbias, tuple(bias.shape)))
-    dtype = query.dtype
-    work = compute_dtype(dtype, xp)
-    if work != dtype:
-        query, key, value, out, grad_out = (
-            xp.astype(t, work) for t in (query, key, value, out, grad_out))
-        bias = None if bias is None else xp.astype(bias, work)
-    L, S = query.shape[-2], key.shape[-2]
-    lead = broadcast_lead(query, key, value)
-    # Always blocked: the backward keeps four score-sized temporaries alive,
-    # and cache-sized blocks are faster than one big one.
-    q_block, k_block = (plan_blocks(lead, L, S, 0, chunk_size, 0) if chunk_size is not None
-                        else default_blocks(lead, L, S))
-    bias_shape = None if bias is None else tuple(bias.shape)
-    mask, bias = _at_least_2d(mask, xp), _at_least_2d(bias, xp)
-    grads = attention_backward(
-        query, key, value, out, stats, grad_out, mask=mask, key_keep=key_keep, bias=bias,
-        is_causal=is_causal, scale=scale, q_block=q_block, k_block=k_block, xp=xp,
-        variants=variants)
-    if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
-        grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
-    if work != dtype:
-        grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
-    return grads
 
 
 def attention_vjp(
@@ -911,25 +636,51 @@ def attention_vjp(
     >>> bool(np.isclose((up - down) / (2 * eps), grads["query"][0, 1, 2]))
     True
     """
-    xp, scale, chunk_size, variants = _validate(
-        query, key, value, mask, bias, scale, chunk_size, enable_gqa, window, alibi_slopes,
-        softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
-    is_causal = check_flag("is_causal", is_causal)
-    out, _, stats = attend(
-        query, key, value, mask=mask, key_keep=None, bias=bias, is_causal=is_causal,
-        scale=scale, return_weights=False, return_stats=True,
-        chunk_size=chunk_size, memory_budget=memory_budget, xp=xp, variants=variants,
-    )
+    xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
+                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+    chunk_size = check_chunk_size(chunk_size)
+    request = Request(return_stats=True, chunk_size=chunk_size, memory_budget=memory_budget)
+    out, _, stats = run_attention(query, key, value, spec, request, xp=xp)
+    saved = Saved(query, key, value, out, stats)
 
     def backward(grad_out: Array) -> dict[str, Array]:
         check_grad(grad_out, out, xp=xp, name="grad_out")
-        dq, dk, dv, dbias = attend_backward(
-            query, key, value, out, stats, grad_out, mask=mask, key_keep=None, bias=bias,
-            is_causal=is_causal, scale=scale, chunk_size=chunk_size, xp=xp,
-            variants=variants)
+        dq, dk, dv, dbias = core_backward(saved, grad_out, spec, chunk_size, xp=xp)
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:
             grads["bias"] = dbias
         return grads
 
     return out, backward
+
+
+# -- transitional: the layer's old entry points, until it builds specs itself --
+
+def attend(query: Array, key: Array, value: Array, /, *, mask: Any, key_keep: Any, bias: Any,
+           is_causal: bool, scale: float, return_weights: bool, return_stats: bool,
+           chunk_size: Any, memory_budget: Any, xp: ModuleType, variants: Any = None) -> Any:
+    """The former keyword interface of the core (used by the layer)."""
+    spec = _legacy_spec(mask, key_keep, bias, is_causal, scale, variants)
+    return run_attention(query, key, value, spec,
+                         Request(return_weights, return_stats, chunk_size, memory_budget), xp=xp)
+
+
+def attend_backward(query: Array, key: Array, value: Array, out: Array, stats: Any,
+                    grad_out: Array, /, *, mask: Any, key_keep: Any, bias: Any,
+                    is_causal: bool, scale: float, chunk_size: Any, xp: ModuleType,
+                    variants: Any = None) -> Any:
+    """The former keyword interface of the core's backward (used by the layer)."""
+    spec = _legacy_spec(mask, key_keep, bias, is_causal, scale, variants)
+    return core_backward(Saved(query, key, value, out, stats), grad_out, spec, chunk_size, xp=xp)
+
+
+def _legacy_spec(mask: Any, key_keep: Any, bias: Any, is_causal: bool, scale: float,
+                 variants: Any) -> AttentionSpec:
+    fields = {} if variants is None else {
+        n: getattr(variants, n) for n in ("window", "softcap", "neg_slopes", "q_seg", "k_seg",
+                                          "q_diag", "dropout")}
+    return AttentionSpec(scale=scale, mask=mask, key_keep=key_keep, bias=bias,
+                         is_causal=is_causal, **fields)
+
+
+_host_readable = host_readable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -16,6 +17,7 @@ from ._lib._namespace import (
 )
 
 __all__ = [
+    "check_alibi",
     "check_alibi_slopes",
     "check_bias",
     "check_chunk_size",
@@ -28,6 +30,8 @@ __all__ = [
     "check_grad",
     "check_mask",
     "check_positive_int",
+    "check_rotary_base",
+    "check_rotary_dim",
     "check_same_dtype",
     "check_scale",
     "check_sdpa_shapes",
@@ -279,20 +283,25 @@ def check_gqa(query: Array, key: Array, value: Array, enable_gqa: Any) -> tuple[
 
 
 def check_window(window: Any) -> tuple[int, int] | None:
-    """``window``: None or ``(left, right)`` ints, a negative one meaning unbounded (-1)."""
+    """``window``: None, or a pair ``(left, right)`` of which each side is an
+    int ``>= 0`` (that many keys), or None or any negative int (unbounded, as
+    FlashAttention's ``-1``). Returns the pair with ``-1`` for an unbounded
+    side; the function API and the layer both validate with this."""
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(
-            f"window must be None or a pair of ints (left, right), got "
+            f"window must be None or a pair (left, right), got "
             f"{type(window).__name__} {window!r}"
         )
-    for side in window:
-        if isinstance(side, bool) or not isinstance(side, numbers.Integral):
+    for name, side in zip(("left", "right"), window):
+        if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral)):
             raise TypeError(
-                f"window must be a pair of ints (left, right), -1 for unbounded, got {window!r}"
+                f"window must be a pair of ints (left, right), each >= 0, or None or a "
+                f"negative int for an unbounded side; got {window!r}, whose {name} side is "
+                f"{type(side).__name__}"
             )
-    left, right = (int(side) if side >= 0 else -1 for side in window)
+    left, right = (-1 if side is None or side < 0 else int(side) for side in window)
     return left, right
 
 
@@ -340,12 +349,73 @@ def check_softcap(softcap: Any) -> float | None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(
-            f"softcap must be a positive finite Python float or None, got {type(softcap).__name__}"
+            f"softcap must be a positive finite Python float or None, got "
+            f"{type(softcap).__name__} {softcap!r}"
         )
     cap = float(softcap)  # drops NumPy scalars, which would up-cast float32 (NEP 50)
     if not (math.isfinite(cap) and cap > 0.0):
         raise ValueError(f"softcap must be a positive finite number (or None), got {softcap}")
     return cap
+
+
+def check_rotary_base(base: Any, name: str = "rotary_base") -> float:
+    """RoPE's base (``rope_theta``): a positive finite real number, as a float."""
+    if isinstance(base, bool) or not isinstance(base, numbers.Real):
+        raise TypeError(f"{name} must be a positive Python float, got {type(base).__name__} {base!r}")
+    value = float(base)  # drops NumPy scalars, which would up-cast float32 (NEP 50)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name} must be a positive finite number, got {base}")
+    return value
+
+
+def check_rotary_dim(rotary_dim: Any, features: int, *, of: str = "head_dim") -> int | None:
+    """How many leading features RoPE rotates: None (all of them) or an even
+    int in ``[2, features]``; ``of`` names what ``features`` counts."""
+    if rotary_dim is None:
+        return None
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
+        raise TypeError(
+            f"rotary_dim must be an even int or None, got {type(rotary_dim).__name__} "
+            f"{rotary_dim!r}"
+        )
+    if not (0 < rotary_dim <= features and rotary_dim % 2 == 0):
+        raise ValueError(
+            f"rotary_dim must be an even int in [2, {features}] ({of} = {features}), "
+            f"got {rotary_dim}"
+        )
+    return int(rotary_dim)
+
+
+def check_alibi(alibi: Any, num_heads: int, name: str = "alibi") -> bool | tuple[float, ...]:
+    """The layer's ALiBi option: None or False (off), True (the standard slopes
+    of ``num_heads`` heads, which the caller computes), or a sequence of
+    ``num_heads`` finite real numbers, returned as a tuple of floats."""
+    import numpy as np
+
+    if alibi is None:
+        return False
+    if isinstance(alibi, (bool, np.bool_)):
+        return bool(alibi)
+    expected = f"a bool or a sequence of num_heads = {num_heads} slopes (Python floats)"
+    if isinstance(alibi, (str, bytes, Mapping)) or not isinstance(alibi, Iterable) or (
+            hasattr(alibi, "ndim") and alibi.ndim != 1):
+        raise TypeError(f"{name} must be {expected}, got {type(alibi).__name__} {alibi!r}")
+    values = list(alibi)
+    for i, a in enumerate(values):
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, numbers.Real):
+            raise TypeError(
+                f"{name} must be {expected}, got {type(a).__name__} {a!r} at index {i}"
+            )
+    slopes = tuple(float(a) for a in values)  # Python floats: NumPy scalars would up-cast
+    if len(slopes) != num_heads:
+        raise ValueError(
+            f"{name} must hold num_heads = {num_heads} slopes (one per query head), got "
+            f"{len(slopes)}: {slopes}"
+        )
+    for i, a in enumerate(slopes):
+        if not math.isfinite(a):
+            raise ValueError(f"{name} must hold finite slopes, got {a} at index {i}")
+    return slopes
 
 
 def check_alibi_slopes(slopes: Any, dtype: Any, target: tuple[int, ...], xp: ModuleType) -> None:

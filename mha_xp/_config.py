@@ -18,7 +18,6 @@ from typing import Any
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "get_memory_budget",
-    "host_memory_available",
     "memory_budget",
     "resolve_budget",
 ]
@@ -102,26 +101,3 @@ def memory_budget(nbytes: int) -> Iterator[None]:
 def resolve_budget(per_call: Any) -> int:
     """The budget for one call: its own argument, else the one in effect."""
     return get_memory_budget() if per_call is None else _check("memory_budget", per_call)
-
-
-def host_memory_available(xp: Any, device: Any) -> int | None:
-    """Bytes of memory available to a host-memory backend, or None if unknown.
-
-    Read from ``/proc/meminfo`` (``MemAvailable``) on Linux, for NumPy,
-    array-api-strict and torch on the CPU; None for device memory and other
-    systems, where the guard does not apply.
-    """
-    from array_api_compat import is_array_api_strict_namespace, is_numpy_namespace, is_torch_namespace
-
-    on_host = is_numpy_namespace(xp) or is_array_api_strict_namespace(xp) or (
-        is_torch_namespace(xp) and getattr(device, "type", None) == "cpu")
-    if not on_host:
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None

@@ -1,15 +1,26 @@
-"""Weight files: save a layer's weights and load them back, never unpickling.
+"""Weight files: save a layer and load it back, never unpickling.
 
-Two formats, chosen by the file name when saving and by the file's first
-bytes when loading:
+A file holds the layer's parameters (its :meth:`MultiHeadAttention.state_dict`
+under torch's names), its ``num_heads``, and its whole configuration
+(:attr:`MultiHeadAttention.config`: every size, flag and option, RoPE, window,
+ALiBi, soft-capping, dropout and ``add_zero_attn`` included) as JSON, so that
+:func:`load_weights` rebuilds a layer with an equal repr and bit-identical
+outputs. Two formats, chosen by the file name when saving and by the file's
+first bytes when loading:
 
 - ``.npz`` (always available): a NumPy zip archive with one ``.npy`` member
-  per weight under torch's ``state_dict`` names, plus a 0-d integer
-  ``num_heads``. It is read with ``np.load(..., allow_pickle=False)``, so an
-  archive that holds Python objects is refused rather than unpickled.
+  per weight, plus a 0-d integer ``num_heads`` and a 0-d unicode
+  ``mha_xp_config`` holding the JSON. It is read with ``np.load(...,
+  allow_pickle=False)``, so an archive that holds Python objects is refused
+  rather than unpickled.
 - ``.safetensors`` (needs the optional ``safetensors`` package): the same
-  names, with ``num_heads`` in the header's metadata. The format stores raw
-  arrays only and cannot run code.
+  names, with ``num_heads`` and ``mha_xp_config`` in the header's metadata.
+  The format stores raw arrays only and cannot run code.
+
+Files without a configuration (written by mha_xp 0.1.0, which stored only the
+parameters and ``num_heads``, or a torch state dict saved as it is) still
+load: the options that are not parameters are then passed to
+:func:`load_weights`.
 
 Loading validates everything through :meth:`MultiHeadAttention.from_state_dict`
 on the host first; any problem with the file becomes a ``ValueError`` that
@@ -21,10 +32,12 @@ a failed save never leaves a truncated weight file behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import numbers
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import IO, Any
 
@@ -33,12 +46,16 @@ import numpy as np
 from ._checks import check_positive_int
 from ._layer import MultiHeadAttention
 from ._lib._namespace import dtype_name
+from ._model._params import OPTIONS, LayerConfig, check_option_names
 
 __all__ = ["load_weights", "save_weights"]
 
 # The key (npz) or metadata field (safetensors) that records the head count,
 # which a torch state_dict does not hold.
 _NUM_HEADS = "num_heads"
+# The key (npz) or metadata field (safetensors) holding the JSON of the
+# layer's configuration, LayerConfig.to_dict().
+_CONFIG = "mha_xp_config"
 _SUFFIXES = (".npz", ".safetensors")
 # Weight dtypes a file may hold: the array API's real floating dtypes that
 # NumPy, and so both formats' readers here, represent.
@@ -88,11 +105,15 @@ def _atomic_write(path: str) -> Iterator[IO[bytes]]:
 
 
 def save_weights(layer: MultiHeadAttention, path: str | os.PathLike[str]) -> None:
-    """Write a layer's weights to an ``.npz`` or ``.safetensors`` file.
+    """Write a layer to an ``.npz`` or ``.safetensors`` file.
 
     The file holds the arrays of :meth:`MultiHeadAttention.state_dict` under
-    torch's names, as NumPy arrays of the layer's dtype, and the layer's
-    ``num_heads``; :func:`load_weights` reads it back into an equal layer.
+    torch's names, as NumPy arrays of the layer's dtype, the layer's
+    ``num_heads``, and its configuration (:attr:`MultiHeadAttention.config`:
+    sizes, flags and every option that is not a parameter, such as
+    ``rotary``, ``window``, ``alibi``, ``softcap``, ``add_zero_attn`` and
+    ``dropout``); :func:`load_weights` reads it back into a layer with an
+    equal repr and bit-identical outputs.
 
     Parameters
     ----------
@@ -126,8 +147,12 @@ def save_weights(layer: MultiHeadAttention, path: str | os.PathLike[str]) -> Non
     Notes
     -----
     In an ``.npz`` file the head count is a 0-d ``int64`` member named
-    ``num_heads``; in a ``.safetensors`` file it is the ``num_heads`` entry of
-    the header's metadata. Both files hold nothing but arrays, so loading them
+    ``num_heads`` and the configuration a 0-d unicode member named
+    ``mha_xp_config`` holding the JSON of ``layer.config.to_dict()``; in a
+    ``.safetensors`` file they are the ``num_heads`` and ``mha_xp_config``
+    entries of the header's metadata. ``num_heads`` is written as by mha_xp
+    0.1.0, so that older readers still load the parameters (though not the
+    options). Both files hold nothing but arrays and text, so loading them
     never runs code.
 
     Examples
@@ -142,7 +167,8 @@ def save_weights(layer: MultiHeadAttention, path: str | os.PathLike[str]) -> Non
     ...     mha_xp.save_weights(layer, path)
     ...     with np.load(path, allow_pickle=False) as f:   # a plain NumPy archive
     ...         print(sorted(f.files), int(f["num_heads"]))
-    ['in_proj_bias', 'in_proj_weight', 'num_heads', 'out_proj.bias', 'out_proj.weight'] 4
+    ['in_proj_bias', 'in_proj_weight', 'mha_xp_config', 'num_heads', 'out_proj.bias',
+     'out_proj.weight'] 4
     """
     if not isinstance(layer, MultiHeadAttention):
         raise TypeError(f"layer must be a mha_xp.MultiHeadAttention, got {type(layer).__name__}")
@@ -158,13 +184,16 @@ def save_weights(layer: MultiHeadAttention, path: str | os.PathLike[str]) -> Non
         )
     host = layer.to(xp=np)
     arrays = {n: np.ascontiguousarray(w) for n, w in host.state_dict().items()}
+    config = json.dumps(layer.config.to_dict(), allow_nan=False)
     if fmt == "npz":
+        extra = {_NUM_HEADS: np.asarray(layer.num_heads, dtype=np.int64),
+                 _CONFIG: np.asarray(config)}  # a unicode array: loads without pickle
         with _atomic_write(path) as f:
             # A file object, so that np.savez adds no ".npz" of its own.
-            np.savez(f, **arrays, **{_NUM_HEADS: np.asarray(layer.num_heads, dtype=np.int64)})
+            np.savez(f, **arrays, **extra)
     else:
         st = _import_safetensors(path, "writing")
-        data = st.save(arrays, metadata={_NUM_HEADS: str(layer.num_heads)})
+        data = st.save(arrays, metadata={_NUM_HEADS: str(layer.num_heads), _CONFIG: config})
         with _atomic_write(path) as f:
             f.write(data)
 
@@ -192,7 +221,7 @@ def _sniff(path: str) -> str:
     )
 
 
-def _read_npz(path: str) -> tuple[dict[str, Any], Any]:
+def _read_npz(path: str) -> tuple[dict[str, Any], Any, Any]:
     arrays: dict[str, Any] = {}
     try:
         # Our own file object: np.load leaks the handle it opens when the
@@ -215,10 +244,10 @@ def _read_npz(path: str) -> tuple[dict[str, Any], Any]:
             f"{path!r} is not a readable .npz weight file (truncated or corrupt?): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    return arrays, arrays.pop(_NUM_HEADS, None)
+    return arrays, arrays.pop(_NUM_HEADS, None), arrays.pop(_CONFIG, None)
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, Any], Any]:
+def _read_safetensors(path: str) -> tuple[dict[str, Any], Any, Any]:
     _import_safetensors(path, "reading")
     from safetensors import safe_open
 
@@ -233,7 +262,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, Any], Any]:
             f"{path!r} is not a readable safetensors weight file (truncated or corrupt?): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    return arrays, metadata.get(_NUM_HEADS)
+    return arrays, metadata.get(_NUM_HEADS), metadata.get(_CONFIG)
 
 
 def _file_num_heads(path: str, raw: Any) -> int | None:
@@ -260,6 +289,52 @@ def _file_num_heads(path: str, raw: Any) -> int | None:
     return int(value)
 
 
+def _file_config(path: str, raw: Any) -> LayerConfig | None:
+    """The layer configuration a file records (None if it records none)."""
+    if raw is None:
+        return None
+    if isinstance(raw, np.ndarray):
+        if raw.shape != () or raw.dtype.kind != "U":
+            raise ValueError(
+                f"{path!r}: {_CONFIG} must be a 0-d unicode array holding JSON, got dtype "
+                f"{raw.dtype} and shape {raw.shape}"
+            )
+        raw = str(raw[()])
+    try:
+        return LayerConfig.from_dict(json.loads(raw))
+    except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{path!r} holds a malformed layer configuration ({_CONFIG}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _check_config_fits(path: str, config: LayerConfig, weights: LayerConfig) -> None:
+    """The sizes and flags of the file's configuration are those of its weights."""
+    for field in dataclasses.fields(LayerConfig):
+        stored, found = getattr(config, field.name), getattr(weights, field.name)
+        if field.name not in OPTIONS and stored != found:
+            raise ValueError(
+                f"{path!r} is inconsistent (edited or damaged after saving?): its layer "
+                f"configuration ({_CONFIG}) has {field.name}={stored!r}, but its weights have "
+                f"{field.name}={found!r}"
+            )
+
+
+def _check_options_agree(path: str, config: LayerConfig, options: Mapping[str, Any]) -> None:
+    """Options passed to load_weights may repeat the file's values, not change them."""
+    for name, given in options.items():
+        stored = getattr(config, name)
+        # Compare normal forms, so that alibi=True agrees with the standard slopes.
+        if getattr(dataclasses.replace(config, **{name: given}), name) != stored:
+            raise ValueError(
+                f"{path!r} stores {name}={stored!r}, but load_weights was given "
+                f"{name}={given!r}: drop {name}= to load the layer as it was saved, or build "
+                f"a changed one with MultiHeadAttention.from_state_dict(layer.state_dict(), "
+                f"num_heads=..., **options)"
+            )
+
+
 def _check_entries(path: str, arrays: dict[str, Any]) -> dict[str, np.ndarray]:
     """Every entry a floating NumPy array, in native byte order."""
     out = {}
@@ -284,13 +359,17 @@ def load_weights(
     num_heads: int | None = None,
     xp: ModuleType | None = None,
     device: Any = None,
+    **options: Any,
 ) -> MultiHeadAttention:
     """Build a layer from an ``.npz`` or ``.safetensors`` weight file.
 
     Reads a file written by :func:`save_weights` (or any ``.npz`` /
     safetensors file holding a torch ``nn.MultiheadAttention`` state dict),
     never unpickling anything, and validates the names, shapes and dtypes of
-    its arrays with :meth:`MultiHeadAttention.from_state_dict`.
+    its arrays with :meth:`MultiHeadAttention.from_state_dict`. A file written
+    by :func:`save_weights` gives back the saved layer: its configuration
+    (every option, ``rotary``, ``window``, ``alibi``, ``softcap``,
+    ``add_zero_attn``, ``dropout``, ...) comes from the file.
 
     Parameters
     ----------
@@ -304,23 +383,36 @@ def load_weights(
         Namespace of the layer's weights; default NumPy.
     device : optional
         Device of the layer's weights; default the namespace's default device.
+    **options
+        The options that are not parameters, as in
+        :meth:`MultiHeadAttention.from_state_dict` (``add_zero_attn``,
+        ``rotary``, ``rotary_base``, ``rotary_interleaved``, ``rotary_dim``,
+        ``window``, ``alibi``, ``softcap``, ``dropout``). For a file without a
+        configuration (written by mha_xp 0.1.0, or a torch state dict) they
+        set the layer's options; for a file with one they may only repeat its
+        values (compared in normal form: ``alibi=True`` agrees with the
+        standard slopes, ``window=(-1, 0)`` with ``(None, 0)``).
 
     Returns
     -------
     MultiHeadAttention
-        A new layer with the file's weights and dtype.
+        A new layer with the file's weights, dtype and configuration.
 
     Raises
     ------
     ValueError
         A file that is empty, truncated, corrupt or of another format (a
         ``.npy`` array, a pickle, a ``torch.save`` archive), that holds
-        Python objects or non-floating arrays, or whose entries are missing,
-        unexpected, mis-shaped or of mixed dtypes; a ``num_heads`` that is
+        Python objects or non-floating arrays, whose entries are missing,
+        unexpected, mis-shaped or of mixed dtypes, or whose configuration is
+        malformed or does not fit its weights; a ``num_heads`` that is
         missing, invalid or disagrees with the file's. The message names the
-        file and the problem.
+        file and the problem. Also an option that disagrees with the file's
+        configuration (the message names the option, the file's value and the
+        one given), or an option value its validator refuses.
     TypeError
-        A ``path`` that is not a path, or a bad ``xp``.
+        A ``path`` that is not a path, a bad ``xp``, an unknown option, or an
+        option of the wrong type.
     OSError
         A file that does not exist or cannot be read.
     ImportError
@@ -344,16 +436,26 @@ def load_weights(
     >>> import tempfile
     >>> import numpy as np
     >>> import mha_xp
-    >>> layer = mha_xp.MultiHeadAttention(16, 4, kdim=6, vdim=6, seed=0)
+    >>> layer = mha_xp.MultiHeadAttention(16, 4, kdim=6, vdim=6, rotary=True, seed=0)
     >>> x = np.random.default_rng(1).standard_normal((2, 5, 16))
     >>> kv = np.random.default_rng(2).standard_normal((2, 7, 6))
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     path = os.path.join(tmp, "attention.npz")
     ...     mha_xp.save_weights(layer, path)
     ...     loaded = mha_xp.load_weights(path)
-    >>> loaded.num_heads, loaded.kdim
-    (4, 6)
+    >>> loaded.num_heads, loaded.kdim, loaded.config.rotary
+    (4, 6, True)
     >>> bool(np.array_equal(loaded(x, kv), layer(x, kv)))
+    True
+
+    A file without a configuration (a state dict saved with ``np.savez``)
+    takes its options here:
+
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "state.npz")
+    ...     np.savez(path, **layer.state_dict())
+    ...     again = mha_xp.load_weights(path, num_heads=4, rotary=True)
+    >>> repr(again) == repr(layer)
     True
 
     A damaged file gives an error that names it:
@@ -373,10 +475,19 @@ def load_weights(
         path = os.fsdecode(path)
     if num_heads is not None:
         num_heads = check_positive_int("num_heads", num_heads)
+    options = check_option_names(options)
     fmt = _sniff(path)
-    arrays, raw_heads = _read_npz(path) if fmt == "npz" else _read_safetensors(path)
+    arrays, raw_heads, raw_config = _read_npz(path) if fmt == "npz" else _read_safetensors(path)
     params = _check_entries(path, arrays)
     in_file = _file_num_heads(path, raw_heads)
+    config = _file_config(path, raw_config)
+    if config is not None:
+        if in_file is not None and in_file != config.num_heads:
+            raise ValueError(
+                f"{path!r} is inconsistent: it records num_heads={in_file}, but its layer "
+                f"configuration ({_CONFIG}) has num_heads={config.num_heads}"
+            )
+        in_file = config.num_heads
     if in_file is None and num_heads is None:
         raise ValueError(
             f"{path!r} does not record num_heads (not written by mha_xp.save_weights?): "
@@ -391,6 +502,14 @@ def load_weights(
         layer = MultiHeadAttention.from_state_dict(params, num_heads=heads)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path!r} does not hold valid weights: {exc}") from exc
+    if config is not None:
+        _check_config_fits(path, config, layer.config)
+        _check_options_agree(path, config, options)
+        options = config.options()
+    if options:
+        # The weights are valid and the file's own options fit them: an error
+        # here is about an option passed in, and names it.
+        layer = MultiHeadAttention.from_state_dict(params, num_heads=heads, **options)
     if xp is not None or device is not None:
         layer = layer.to(xp=xp, device=device)
     return layer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -14,13 +14,12 @@ from array_api_compat import array_namespace, device as device_of, is_array_api_
 from ._attention import _host_readable, attend, attend_backward
 from ._backward import unbroadcast
 from ._cache import KVCache
-from ._masks import Variants, alibi_slopes, combine
+from ._masks import Variants, combine
 from ._norm import qk_layer_norm, qk_layer_norm_backward
 from ._checks import (
     check_bias,
     check_chunk_size,
     check_dropout,
-    check_dropout_p,
     check_dtype,
     check_flag,
     check_grad,
@@ -39,57 +38,18 @@ from ._lib._namespace import (
     require_bool,
     require_real_floating,
 )
+from ._model._params import (
+    LayerConfig,
+    check_option_names,
+    check_param_arrays,
+    check_param_names,
+    check_param_shapes,
+    config_from_shapes,
+    init_params,
+    param_shapes,
+)
 
 __all__ = ["MultiHeadAttention"]
-
-_PACKED = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
-_SEPARATE = (
-    "q_proj_weight", "k_proj_weight", "v_proj_weight",
-    "in_proj_bias", "out_proj.weight", "out_proj.bias",
-)
-_BIASES = ("in_proj_bias", "out_proj.bias")
-
-
-def _init_params(
-    embed_dim: int, kdim: int, vdim: int, bias: bool, seed: Any, *,
-    kv_dim: int, add_bias_kv: bool, head_dim: int, normalize_qk: bool,
-) -> dict[str, np.ndarray]:
-    """torch's initialisation, drawn in float64 on the host so that one seed
-    gives the same weights on every backend: Xavier-uniform in-projections,
-    ``U(-1/sqrt(E), 1/sqrt(E))`` output projection (torch's Linear default),
-    zero biases, Xavier-normal ``bias_k``/``bias_v``; QK-norm scales are ones
-    (Flax's ``LayerNorm`` default). ``kv_dim`` is the width of the key and
-    value projections (``num_kv_heads * head_dim``)."""
-    rng = np.random.default_rng(seed)
-
-    def xavier(fan_out: int, fan_in: int) -> np.ndarray:
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        return rng.uniform(-bound, bound, size=(fan_out, fan_in))
-
-    E = embed_dim
-    params: dict[str, np.ndarray] = {}
-    if kdim == E and vdim == E and kv_dim == E:
-        params["in_proj_weight"] = xavier(3 * E, E)
-    else:
-        params["q_proj_weight"] = xavier(E, E)
-        params["k_proj_weight"] = xavier(kv_dim, kdim)
-        params["v_proj_weight"] = xavier(kv_dim, vdim)
-    if bias:
-        params["in_proj_bias"] = np.zeros(E + 2 * kv_dim)
-    if add_bias_kv:
-        # torch: xavier_normal_ on a (1, 1, kv_dim) tensor, fan_in = fan_out = kv_dim
-        std = math.sqrt(1.0 / kv_dim)
-        params["bias_k"] = rng.normal(0.0, std, size=(1, 1, kv_dim))
-        params["bias_v"] = rng.normal(0.0, std, size=(1, 1, kv_dim))
-    bound = 1.0 / math.sqrt(E)
-    params["out_proj.weight"] = rng.uniform(-bound, bound, size=(E, E))
-    if bias:
-        params["out_proj.bias"] = np.zeros(E)
-    if normalize_qk:
-        params["q_norm.weight"] = np.ones(head_dim)
-        params["k_norm.weight"] = np.ones(head_dim)
-    return params
-
 
 def _linear(x: Array, weight: Array, bias: Array | None, xp: ModuleType) -> Array:
     """``x @ weight.T + bias`` over the last axis, as one 2-D matmul."""
@@ -120,95 +80,6 @@ def _pad_last(x: Array, S: int, n: int, fill: Any, xp: ModuleType) -> Array:
     x = xp.broadcast_to(x, lead + (S,))
     pad = xp.full(lead + (n,), fill, dtype=x.dtype, device=device_of(x))
     return xp.concat([x, pad], axis=-1)
-
-
-def _make_options(options: Mapping[str, Any]) -> _Options:
-    """Options passed by keyword to a constructor classmethod."""
-    known = {f.name for f in fields(_Options)}
-    unknown = set(options) - known
-    if unknown:
-        raise TypeError(f"unexpected option(s) {sorted(unknown)}; the layer's options are "
-                        f"{sorted(known)}")
-    return _Options(**options)
-
-
-@dataclass(frozen=True)
-class _Options:
-    """The layer's settings that are not parameters (checked by :meth:`check`)."""
-
-    add_zero_attn: bool = False
-    rotary: bool = False
-    rotary_base: float = 10000.0
-    rotary_interleaved: bool = False
-    rotary_dim: int | None = None
-    window: tuple[int | None, int | None] | None = None
-    alibi: Any = False
-    softcap: float | None = None
-    dropout: float = 0.0
-
-    def checked(self, num_heads: int, head_dim: int) -> _Options:
-        """These options validated against the layer's sizes, normalised
-        (``alibi`` as a tuple of slopes or None, ``window`` with None for an
-        unbounded side)."""
-        d = dict(self.__dict__)
-
-        def set_(name: str, value: Any) -> None:
-            d[name] = value
-
-        set_("add_zero_attn", check_flag("add_zero_attn", self.add_zero_attn))
-        set_("rotary", check_flag("rotary", self.rotary))
-        set_("rotary_interleaved", check_flag("rotary_interleaved", self.rotary_interleaved))
-        base = self.rotary_base
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not (
-                math.isfinite(base) and base > 0):
-            raise ValueError(f"rotary_base must be a positive finite float, got {base!r}")
-        set_("rotary_base", float(base))
-        if self.rotary_dim is not None:
-            rd = check_positive_int("rotary_dim", self.rotary_dim)
-            if rd % 2 or rd > head_dim:
-                raise ValueError(
-                    f"rotary_dim must be even and at most head_dim = {head_dim}, got {rd}")
-            set_("rotary_dim", rd)
-        if self.rotary and head_dim % 2 and self.rotary_dim is None:
-            raise ValueError(f"rotary=True needs an even head_dim (or an even rotary_dim), "
-                             f"got head_dim = {head_dim}")
-        if self.window is not None:
-            w = self.window
-            if not isinstance(w, (tuple, list)) or len(w) != 2:
-                raise ValueError(f"window must be a pair (left, right), got {w!r}")
-            sides = []
-            for side, n in zip(("left", "right"), w):
-                if n is None or (isinstance(n, int) and not isinstance(n, bool) and n == -1):
-                    sides.append(None)  # unbounded (FlashAttention's -1)
-                elif isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-                    sides.append(int(n))
-                else:
-                    raise ValueError(f"window's {side} size must be an int >= 0, or None or -1 "
-                                     f"(unbounded), got {n!r}")
-            set_("window", None if sides == [None, None] else tuple(sides))
-        alibi = self.alibi
-        if alibi is None or alibi is False:
-            set_("alibi", None)
-        elif alibi is True:
-            set_("alibi", tuple(alibi_slopes(num_heads)))
-        else:
-            try:
-                slopes = tuple(float(a) for a in alibi)
-            except TypeError:
-                raise TypeError(f"alibi must be a bool or a sequence of {num_heads} slopes, "
-                                f"got {type(alibi).__name__}") from None
-            if len(slopes) != num_heads or not all(math.isfinite(a) for a in slopes):
-                raise ValueError(f"alibi must hold num_heads = {num_heads} finite slopes, "
-                                 f"got {len(slopes)}: {slopes}")
-            set_("alibi", slopes)
-        if self.softcap is not None:
-            c = self.softcap
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (
-                    math.isfinite(c) and c > 0):
-                raise ValueError(f"softcap must be a positive finite float or None, got {c!r}")
-            set_("softcap", float(c))
-        set_("dropout", check_dropout_p(self.dropout, "dropout"))
-        return _Options(**d)
 
 
 @dataclass(frozen=True)
@@ -273,7 +144,8 @@ class MultiHeadAttention:
     add_zero_attn : bool, default False
         torch's option: one more key and value of zeros, appended after
         those of ``add_bias_kv``, visible to every query. Not a parameter, so
-        not in :meth:`state_dict`: pass it again to :meth:`from_state_dict`.
+        not in :meth:`state_dict` (pass it again to :meth:`from_state_dict`),
+        but in :attr:`config`, which :func:`save_weights` stores.
     num_kv_heads : int, optional
         Key/value heads for grouped-query attention (``1``: multi-query);
         must divide ``num_heads``; default ``num_heads``. The key and value
@@ -305,8 +177,9 @@ class MultiHeadAttention:
     window : (int or None, int or None), optional
         Sliding-window (local) attention as FlashAttention's
         ``window_size``: query ``i`` sees keys ``j`` with
-        ``i + S - L - left <= j <= i + S - L + right``; None (or -1) leaves a
-        side unbounded. Composes with ``is_causal``.
+        ``i + S - L - left <= j <= i + S - L + right``; None or any negative
+        int leaves a side unbounded (as in
+        :func:`scaled_dot_product_attention`). Composes with ``is_causal``.
     alibi : bool or sequence of float, default False
         ALiBi: True for the standard slopes of ``num_heads`` heads
         (:func:`alibi_slopes`), or one slope per query head; adds
@@ -324,8 +197,10 @@ class MultiHeadAttention:
 
     Attributes
     ----------
+    config : LayerConfig
+        Every size, flag and option, validated and normalised (read-only).
     embed_dim, num_heads, num_kv_heads, head_dim, kdim, vdim : int
-        The layer's sizes.
+        The layer's sizes (read-only).
     xp : module
         The weights' (array-API-compatible) namespace.
     device, dtype
@@ -379,25 +254,11 @@ class MultiHeadAttention:
         softcap: float | None = None,
         dropout: float = 0.0,
     ) -> None:
-        embed_dim = check_positive_int("embed_dim", embed_dim)
-        num_heads = check_positive_int("num_heads", num_heads)
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        head_dim = embed_dim // num_heads
-        if num_kv_heads is None:
-            num_kv_heads = num_heads
-        num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-        add_bias_kv = check_flag("add_bias_kv", add_bias_kv)
-        normalize_qk = check_flag("normalize_qk", normalize_qk)
-        options = _Options(add_zero_attn=add_zero_attn, rotary=rotary, rotary_base=rotary_base,
-                           rotary_interleaved=rotary_interleaved, rotary_dim=rotary_dim,
-                           window=window, alibi=alibi, softcap=softcap,
-                           dropout=dropout).checked(num_heads, head_dim)
-        kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
-        vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
-        bias = check_flag("bias", bias)
+        config = LayerConfig.from_options(
+            embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
+            add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, normalize_qk=normalize_qk,
+            rotary=rotary, rotary_base=rotary_base, rotary_interleaved=rotary_interleaved,
+            rotary_dim=rotary_dim, window=window, alibi=alibi, softcap=softcap, dropout=dropout)
         seed = check_seed(seed)
         xp = normalize_namespace(np if xp is None else xp)
         if dtype is None:
@@ -407,115 +268,35 @@ class MultiHeadAttention:
                 raise ValueError(f"device {device!r} is not a device of {lib_name(xp)} ({exc})") from exc
         else:
             dtype = check_dtype(dtype, xp, lib_name(xp))
-        host = _init_params(embed_dim, kdim, vdim, bias, seed, kv_dim=num_kv_heads * head_dim,
-                            add_bias_kv=add_bias_kv, head_dim=head_dim,
-                            normalize_qk=normalize_qk)
         try:
             params = {
-                name: xp.astype(xp.asarray(w, device=device), dtype) for name, w in host.items()
+                name: xp.astype(xp.asarray(w, device=device), dtype)
+                for name, w in init_params(config, seed).items()
             }
         except Exception as exc:  # an unknown device, in the library's own words
             raise ValueError(f"device {device!r} is not a device of {lib_name(xp)} ({exc})") from exc
-        self._setup(params, num_heads, xp, options)
+        self._adopt(params, config, xp)
 
     # -- construction ------------------------------------------------------
 
-    def _setup(self, params: dict[str, Array], num_heads: Any, xp: ModuleType,
-               options: _Options | None = None, num_kv_heads: Any = None) -> None:
-        """Validate a complete parameter dict (torch names) and adopt it."""
-        options = _Options() if options is None else options
-        packed = "in_proj_weight" in params
-        names = _PACKED if packed else _SEPARATE
-        has_bias = "in_proj_bias" in params or "out_proj.bias" in params
-        expected = set(names) if has_bias else set(names) - set(_BIASES)
-        pairs = {("bias_k", "bias_v"): "add_bias_kv", ("q_norm.weight", "k_norm.weight"): "normalize_qk"}
-        for pair in pairs:
-            if all(n in params for n in pair):
-                expected |= set(pair)
-        missing, extra = expected - set(params), set(params) - expected
-        if missing or extra:
-            msg = "state_dict does not describe a torch.nn.MultiheadAttention:"
-            if missing:
-                msg += f" missing {sorted(missing)}"
-            if extra:
-                msg += f"{';' if missing else ''} unexpected {sorted(extra)}"
-                for pair, option in pairs.items():
-                    if extra & set(pair):
-                        msg += f" ({option} needs both {pair[0]} and {pair[1]})"
-            raise ValueError(msg)
-        num_heads = check_positive_int("num_heads", num_heads)
-
-        for name, w in params.items():
-            if not is_array_api_obj(w):
-                raise TypeError(f"{name} must be an array, got {type(w).__name__}")
-        params_xp, dev = common_namespace(**params)
-        if params_xp is not xp:
-            raise TypeError(f"the weights are {lib_name(params_xp)} arrays, expected {lib_name(xp)}")
-        out_w = params["out_proj.weight"]
-        dtype = out_w.dtype
-        for name, w in params.items():
-            require_real_floating(name, w, xp)
-            if w.dtype != dtype:
-                raise TypeError(
-                    f"{name} has dtype {dtype_name(w.dtype)} but out_proj.weight has "
-                    f"{dtype_name(dtype)}; all weights must share one dtype"
-                )
-        if out_w.ndim != 2 or out_w.shape[0] != out_w.shape[1]:
-            raise ValueError(f"out_proj.weight must have shape (E, E), got {tuple(out_w.shape)}")
-        E = out_w.shape[0]
-        if E % num_heads:
-            raise ValueError(
-                f"embed_dim ({E}) must be divisible by num_heads ({num_heads})"
-            )
-        D = E // num_heads
-        if packed:
-            shapes = {"in_proj_weight": (3 * E, E)}
-            kdim = vdim = E
-            kv_dim = E
-        else:
-            kw = params["k_proj_weight"]
-            if kw.ndim != 2 or kw.shape[0] % D or num_heads % max(1, kw.shape[0] // D):
-                raise ValueError(
-                    f"k_proj_weight must have shape (num_kv_heads * head_dim, kdim) with "
-                    f"head_dim = {D} and num_kv_heads dividing num_heads = {num_heads}, got "
-                    f"{tuple(kw.shape)}"
-                )
-            kv_dim = kw.shape[0]
-            kdim = kw.shape[-1]
-            vdim = params["v_proj_weight"].shape[-1]
-            shapes = {"q_proj_weight": (E, E), "k_proj_weight": (kv_dim, kdim),
-                      "v_proj_weight": (kv_dim, vdim)}
-        if num_kv_heads is not None and check_positive_int("num_kv_heads", num_kv_heads) * D != kv_dim:
-            raise ValueError(
-                f"num_kv_heads={num_kv_heads} does not match the key projection, which has "
-                f"{kv_dim} rows = {kv_dim // D} heads of head_dim {D}"
-            )
-        if has_bias:
-            shapes |= {"in_proj_bias": (E + 2 * kv_dim,), "out_proj.bias": (E,)}
-        if "bias_k" in params:
-            shapes |= {"bias_k": (1, 1, kv_dim), "bias_v": (1, 1, kv_dim)}
-        if "q_norm.weight" in params:
-            shapes |= {"q_norm.weight": (D,), "k_norm.weight": (D,)}
-        for name, shape in shapes.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(
-                    f"{name} must have shape {shape} for embed_dim={E}, got "
-                    f"{tuple(params[name].shape)}"
-                )
-        options = options.checked(num_heads, D)
-        order = (*names[:-2], "bias_k", "bias_v", *names[-2:], "q_norm.weight", "k_norm.weight")
-        self._params = {name: params[name] for name in order if name in params}
-        self._xp, self._device, self._dtype = xp, dev, dtype
-        self.embed_dim, self.num_heads, self.head_dim = E, num_heads, D
-        self.num_kv_heads = kv_dim // D
-        self.kdim, self.vdim = kdim, vdim
-        self._options = options
+    def _adopt(self, params: dict[str, Array], config: LayerConfig, xp: ModuleType) -> None:
+        """Validate the arrays of a complete parameter dict (torch names)
+        against ``config`` and adopt them, in torch's order."""
+        self._device, self._dtype = check_param_arrays(params, xp)
+        check_param_shapes(config, {name: tuple(w.shape) for name, w in params.items()})
+        order = param_shapes(config, packed="in_proj_weight" in params)
+        self._params = {name: params[name] for name in order}
+        self._xp, self._config = xp, config
 
     @classmethod
     def _from_params(
         cls, params: dict[str, Array], num_heads: Any, xp: Any, device: Any,
-        options: _Options | None = None, num_kv_heads: Any = None,
+        options: Mapping[str, Any] | None = None, num_kv_heads: Any = None,
+        config: LayerConfig | None = None,
     ) -> MultiHeadAttention:
+        """A layer of ``params`` (converted to ``xp`` and ``device``): with
+        ``config``, checked against it; else with the configuration their
+        names and shapes imply, ``num_heads`` and the non-parameter ``options``."""
         arrays = [w for w in params.values() if is_array_api_obj(w)]
         if xp is None:
             if not arrays:
@@ -529,8 +310,15 @@ class MultiHeadAttention:
             name: convert(w, xp, device) if is_array_api_obj(w) or hasattr(w, "__array__") else w
             for name, w in params.items()
         }
+        if config is None:
+            check_param_names(params)  # first: the names explain most bad state dicts
+            num_heads = check_positive_int("num_heads", num_heads)
+            check_param_arrays(params, xp)
+            shapes = {name: tuple(w.shape) for name, w in params.items()}
+            config = config_from_shapes(shapes, num_heads, num_kv_heads=num_kv_heads,
+                                        **(options or {}))
         self = cls.__new__(cls)
-        self._setup(params, num_heads, xp, options, num_kv_heads)
+        self._adopt(params, config, xp)
         return self
 
     @classmethod
@@ -682,7 +470,7 @@ class MultiHeadAttention:
                 if not is_array_api_obj(a):
                     raise TypeError(f"{name} must be an array or None, got {type(a).__name__}")
                 params[name] = convert(a, layer_xp, dev)
-        return cls._from_params(params, num_heads, layer_xp, dev, _make_options(options))
+        return cls._from_params(params, num_heads, layer_xp, dev, check_option_names(options))
 
     @classmethod
     def from_state_dict(
@@ -720,7 +508,8 @@ class MultiHeadAttention:
             The options that are not parameters, as in the constructor:
             ``add_zero_attn``, ``rotary``, ``rotary_base``,
             ``rotary_interleaved``, ``rotary_dim``, ``window``, ``alibi``,
-            ``softcap``, ``dropout``.
+            ``softcap``, ``dropout`` (``layer.config.options()`` of the layer
+            the state dict came from rebuilds that layer).
 
         Returns
         -------
@@ -729,9 +518,11 @@ class MultiHeadAttention:
         Raises
         ------
         ValueError
-            Missing, unexpected or mis-shaped entries.
+            Missing, unexpected or mis-shaped entries; an option value its
+            validator refuses.
         TypeError
-            Entries that are not floating arrays, or of different dtypes.
+            Entries that are not floating arrays, or of different dtypes; an
+            unknown option, or an option of the wrong type.
 
         Notes
         -----
@@ -749,7 +540,7 @@ class MultiHeadAttention:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         return cls._from_params(dict(state_dict), num_heads, xp, device,
-                                _make_options(options), num_kv_heads)
+                                check_option_names(options), num_kv_heads)
 
     @classmethod
     def from_torch(
@@ -793,8 +584,8 @@ class MultiHeadAttention:
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
         # clone: the port must not share memory with a module that may train on
         params = {name: t.detach().clone() for name, t in module.state_dict().items()}
-        options = _Options(add_zero_attn=bool(getattr(module, "add_zero_attn", False)),
-                           dropout=float(getattr(module, "dropout", 0.0)))
+        options = dict(add_zero_attn=bool(getattr(module, "add_zero_attn", False)),
+                       dropout=float(getattr(module, "dropout", 0.0)))
         return cls._from_params(params, module.num_heads, np if xp is None else xp, device, options)
 
     # -- the weights -------------------------------------------------------
@@ -815,8 +606,8 @@ class MultiHeadAttention:
             ``in_proj_bias``, in torch's order), and ``q_norm.weight``,
             ``k_norm.weight`` with ``normalize_qk``. Options that are not
             parameters (``add_zero_attn``, RoPE, window, ALiBi, softcap,
-            dropout) are not included. The arrays are the layer's own, not copies, as in
-            torch.
+            dropout) are not included: they are in :attr:`config`. The arrays
+            are the layer's own, not copies, as in torch.
 
         Examples
         --------
@@ -863,7 +654,57 @@ class MultiHeadAttention:
         if dtype is not None:
             check_dtype(dtype, target, lib_name(target))
             params = {n: target.astype(w, dtype) for n, w in params.items()}
-        return type(self)._from_params(params, self.num_heads, target, device, self._options)
+        return type(self)._from_params(params, self.num_heads, target, device,
+                                       config=self._config)
+
+    @property
+    def config(self) -> LayerConfig:
+        """The layer's configuration: sizes, flags and options, validated.
+
+        Everything that rebuilds the layer besides its weights, namespace,
+        device and dtype, in normal form (``alibi=True`` as its slopes,
+        ``window`` with None for an unbounded side), as a frozen dataclass;
+        :func:`save_weights` stores it beside the weights, as JSON of
+        ``config.to_dict()``.
+
+        Examples
+        --------
+        >>> import mha_xp
+        >>> config = mha_xp.MultiHeadAttention(8, 2, window=(-1, 0), seed=0).config
+        >>> config.head_dim, config.window
+        (4, (None, 0))
+        """
+        return self._config
+
+    @property
+    def embed_dim(self) -> int:
+        """Model width ``E`` of queries and outputs."""
+        return self._config.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        """Number of query heads ``H``."""
+        return self._config.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Number of key/value heads (``num_heads`` unless grouped-query)."""
+        return self._config.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Features per head, ``embed_dim // num_heads``."""
+        return self._config.head_dim
+
+    @property
+    def kdim(self) -> int:
+        """Feature size of keys."""
+        return self._config.kdim
+
+    @property
+    def vdim(self) -> int:
+        """Feature size of values."""
+        return self._config.vdim
 
     @property
     def xp(self) -> ModuleType:
@@ -895,21 +736,8 @@ class MultiHeadAttention:
         return b[:E], b[E:E + F], b[E + F:]
 
     def __repr__(self) -> str:
-        extra = "" if self.kdim == self.vdim == self.embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
-        if self.num_kv_heads != self.num_heads:
-            extra += f", num_kv_heads={self.num_kv_heads}"
-        if "bias_k" in self._params:
-            extra += ", add_bias_kv=True"
-        if "q_norm.weight" in self._params:
-            extra += ", normalize_qk=True"
-        defaults = _Options()
-        for f in fields(_Options):
-            value = getattr(self._options, f.name)
-            if value != getattr(defaults, f.name) and not (f.name == "alibi" and value is None):
-                extra += f", {f.name}={value!r}"
         return (
-            f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}, "
-            f"bias={'in_proj_bias' in self._params}, xp={lib_name(self._xp)}, "
+            f"MultiHeadAttention({self._config.repr_args()}, xp={lib_name(self._xp)}, "
             f"device={self._device}, dtype={dtype_name(self._dtype)})"
         )
 
@@ -1086,7 +914,7 @@ class MultiHeadAttention:
         training = check_flag("training", training)
         if not training:
             return None
-        return check_dropout(self._options.dropout, dropout_seed, seed_name="dropout_seed",
+        return check_dropout(self._config.dropout, dropout_seed, seed_name="dropout_seed",
                              p_name="dropout")
 
     def _check_cache(self, cache: Any, call: _Call, is_causal: bool, cross: bool) -> None:
@@ -1299,7 +1127,7 @@ class MultiHeadAttention:
         memory_budget: int | None, residuals: bool, cache: KVCache | None = None,
         dropout: tuple[float, int] | None = None,
     ) -> tuple[Array, Array | None, dict[str, Any] | None, KVCache | None]:
-        xp, o, p, dev = self._xp, self._options, self._params, self._device
+        xp, c, p, dev = self._xp, self._config, self._params, self._device
         query, key, value = call.query, call.key, call.value
         B, L, S = query.shape[0], query.shape[1], key.shape[1]
         key_keep = keep = None
@@ -1315,7 +1143,7 @@ class MultiHeadAttention:
             value = key if same else xp.where(keep, value, zero)
         q_in, k_in, v = self._project(query, key, value)
         q, k = q_in, k_in
-        if "q_norm.weight" in p:
+        if c.normalize_qk:
             q = qk_layer_norm(q, p["q_norm.weight"], eps=_NORM_EPS, xp=xp)
             k = qk_layer_norm(k, p["k_norm.weight"], eps=_NORM_EPS, xp=xp)
         # Positions: bottom-right aligned (query i sits at key position
@@ -1323,12 +1151,12 @@ class MultiHeadAttention:
         start = (S - L) if cache is None else cache.length
         pos_q = xp.arange(L, device=dev) + start
         pos_k = xp.arange(S, device=dev) + (0 if cache is None else cache.length)
-        if o.rotary:
+        if c.rotary:
             q = self._rotate(q, pos_q, inverse=False)
             k = self._rotate(k, pos_k, inverse=False)
         mask, bias, causal = call.mask, call.bias, is_causal
-        positional = o.window is not None or o.alibi is not None
-        n_extra = ("bias_k" in p) + o.add_zero_attn
+        positional = c.window is not None or c.alibi is not None
+        n_extra = c.add_bias_kv + c.add_zero_attn
         if cache is not None:
             cache = cache.append(k, v)
             k, v = cache.key, cache.value
@@ -1372,17 +1200,17 @@ class MultiHeadAttention:
         """What the core applies itself: soft-capping and ``dropout`` always,
         the window and ALiBi when ``positional`` (aligned bottom-right to the
         keys given)."""
-        o, xp = self._options, self._xp
+        c, xp = self._config, self._xp
         window = neg_slopes = None
-        if positional and o.window is not None:
-            window = tuple(-1 if n is None else n for n in o.window)
-        if positional and o.alibi is not None:
+        if positional and c.window is not None:
+            window = tuple(-1 if n is None else n for n in c.window)
+        if positional and c.alibi is not None:
             work = compute_dtype(self._dtype, xp)
-            neg_slopes = xp.reshape(-xp.asarray(o.alibi, dtype=work, device=self._device),
+            neg_slopes = xp.reshape(-xp.asarray(c.alibi, dtype=work, device=self._device),
                                     (self.num_heads, 1, 1))
-        if window is None and neg_slopes is None and o.softcap is None and dropout is None:
+        if window is None and neg_slopes is None and c.softcap is None and dropout is None:
             return None
-        return Variants(window=window, softcap=o.softcap, neg_slopes=neg_slopes, dropout=dropout)
+        return Variants(window=window, softcap=c.softcap, neg_slopes=neg_slopes, dropout=dropout)
 
     def _position_terms(
         self, pos_q: Array, pos_k: Array, *, valid: Array | None, causal: bool,
@@ -1391,20 +1219,20 @@ class MultiHeadAttention:
         ``(H, L, S)`` from the positions of queries and keys (index
         arithmetic only, so that a cache's traced length works under
         ``jax.jit``)."""
-        xp, o = self._xp, self._options
+        xp, c = self._xp, self._config
         i, j = xp.expand_dims(pos_q, axis=1), xp.expand_dims(pos_k, axis=0)
         mask = None if valid is None else xp.expand_dims(valid, axis=0)
         if causal:
             mask = combine(mask, j <= i, xp=xp)
-        if o.window is not None:
-            left, right = o.window
+        if c.window is not None:
+            left, right = c.window
             if left is not None:
                 mask = combine(mask, j >= i - left, xp=xp)
             if right is not None:
                 mask = combine(mask, j <= i + right, xp=xp)
         bias = None
-        if o.alibi is not None:
-            slopes = xp.asarray(o.alibi, dtype=self._dtype, device=self._device)
+        if c.alibi is not None:
+            slopes = xp.asarray(c.alibi, dtype=self._dtype, device=self._device)
             distance = xp.astype(xp.abs(i - j), self._dtype)
             bias = -xp.reshape(slopes, (self.num_heads, 1, 1)) * distance
         return mask, bias
@@ -1412,9 +1240,9 @@ class MultiHeadAttention:
     def _rotate(self, x: Array, positions: Array, *, inverse: bool) -> Array:
         from ._rotary import apply_rotary  # noqa: PLC0415 (a sibling module, imported when used)
 
-        o = self._options
-        return apply_rotary(x, positions, base=o.rotary_base, interleaved=o.rotary_interleaved,
-                            rotary_dim=o.rotary_dim, inverse=inverse)
+        c = self._config
+        return apply_rotary(x, positions, base=c.rotary_base, interleaved=c.rotary_interleaved,
+                            rotary_dim=c.rotary_dim, inverse=inverse)
 
     def _append_extras(self, k: Array, v: Array, B: int) -> tuple[Array, Array]:
         """torch's ``add_bias_kv`` then ``add_zero_attn``: one key/value
@@ -1422,10 +1250,10 @@ class MultiHeadAttention:
         xp, p = self._xp, self._params
         shape = (B, self.num_kv_heads, 1, self.head_dim)
         extra_k, extra_v = [k], [v]
-        if "bias_k" in p:
+        if self._config.add_bias_kv:
             for dst, name in ((extra_k, "bias_k"), (extra_v, "bias_v")):
                 dst.append(xp.broadcast_to(xp.reshape(p[name], (1, shape[1], 1, shape[3])), shape))
-        if self._options.add_zero_attn:
+        if self._config.add_zero_attn:
             zeros = xp.zeros(shape, dtype=self._dtype, device=self._device)
             extra_k.append(zeros)
             extra_v.append(zeros)
@@ -1443,7 +1271,7 @@ class MultiHeadAttention:
         dy = xp.reshape(grad_out, (B * L, E))
         grads["out_proj.weight"] = xp.matmul(
             xp.matrix_transpose(dy), xp.reshape(res["merged"], (B * L, E)))
-        if "out_proj.bias" in p:
+        if self._config.bias:
             grads["out_proj.bias"] = xp.sum(dy, axis=0)
         d_heads = _split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, E)), H, xp)
         dq, dk, dv, dbias = attend_backward(
@@ -1451,7 +1279,7 @@ class MultiHeadAttention:
             chunk_size=call.chunk_size, xp=xp, **res["core_kw"])
         S = res["S"]
         if res["n_extra"]:
-            if "bias_k" in p:
+            if self._config.add_bias_kv:
                 Fkv = self.num_kv_heads * D
                 grads["bias_k"] = xp.reshape(xp.sum(dk[:, :, S, :], axis=0), (1, 1, Fkv))
                 grads["bias_v"] = xp.reshape(xp.sum(dv[:, :, S, :], axis=0), (1, 1, Fkv))
@@ -1460,10 +1288,10 @@ class MultiHeadAttention:
                 dbias = dbias[..., :S]
         if call.bias is not None and tuple(dbias.shape) != tuple(call.bias.shape):
             dbias = unbroadcast(dbias, tuple(call.bias.shape), xp=xp)
-        if self._options.rotary:
+        if self._config.rotary:
             dq = self._rotate(dq, res["pos_q"], inverse=True)
             dk = self._rotate(dk, res["pos_k"], inverse=True)
-        if "q_norm.weight" in p:
+        if self._config.normalize_qk:
             dq, grads["q_norm.weight"] = qk_layer_norm_backward(
                 dq, res["q_in"], p["q_norm.weight"], eps=_NORM_EPS, xp=xp)
             dk, grads["k_norm.weight"] = qk_layer_norm_backward(
@@ -1480,7 +1308,7 @@ class MultiHeadAttention:
             grads["in_proj_weight"] = xp.concat(d_w, axis=0)
         else:
             grads["q_proj_weight"], grads["k_proj_weight"], grads["v_proj_weight"] = d_w
-        if "in_proj_bias" in p:
+        if self._config.bias:
             grads["in_proj_bias"] = xp.concat(d_b, axis=0)
         if res["keep"] is not None:  # padded keys and values do not reach the output
             zero = xp.zeros((), dtype=self._dtype, device=self._device)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import REL_TOL, assert_close, assert_preserved, make_backend, rel_err
-from reference import ref_attention
+from support import REL_TOL, assert_close, assert_preserved, make_backend, rel_err
+from support.reference import ref_attention
 
 sdpa = mha_xp.scaled_dot_product_attention
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import REL_TOL, assert_close, assert_preserved, make_backend, rel_err
+from support import REL_TOL, assert_close, assert_preserved, make_backend, rel_err
 
 MHA = mha_xp.MultiHeadAttention
 
@@ -251,17 +251,17 @@ class TestInPlaceBackward:
     def test_bit_identical_to_portable(self, rng):
         import array_api_compat.numpy as xp
 
-        from mha_xp._backward import attention_backward
-
-        from mha_xp._chunked import chunked_attention
+        from mha_xp._core._backward import Saved, attention_backward
+        from mha_xp._core._chunked import chunked_attention
+        from mha_xp._spec import AttentionSpec, Block
 
         q, k, v = (rng.standard_normal(s) for s in [(2, 3, 7, 4), (2, 3, 9, 4), (2, 3, 9, 5)])
         bias = rng.standard_normal((3, 7, 9))
-        kwargs = dict(mask=rng.random((7, 9)) < 0.8, key_keep=None, bias=bias, is_causal=True,
-                      scale=0.5, q_block=3, k_block=4, xp=xp)
-        out, stats = chunked_attention(q, k, v, **kwargs)
+        spec = AttentionSpec(scale=0.5, mask=rng.random((7, 9)) < 0.8, bias=bias, is_causal=True)
+        out, stats = chunked_attention(q, k, v, spec, Block(), (3, 4), xp=xp)
         go = rng.standard_normal(out.shape)
-        fast = attention_backward(q, k, v, out, stats, go, **kwargs, in_place=True)
-        portable = attention_backward(q, k, v, out, stats, go, **kwargs, in_place=False)
+        saved = Saved(q, k, v, out, stats)
+        fast = attention_backward(saved, go, spec, Block(), (3, 4), xp=xp, in_place=True)
+        portable = attention_backward(saved, go, spec, Block(), (3, 4), xp=xp, in_place=False)
         for a, b in zip(fast, portable):
             np.testing.assert_array_equal(a, b)

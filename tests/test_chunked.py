@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import assert_close, assert_preserved, rel_err
-from reference import ref_attention
+from support import assert_close, assert_preserved, rel_err
+from support.reference import ref_attention
 
 sdpa = mha_xp.scaled_dot_product_attention
 MHA = mha_xp.MultiHeadAttention
@@ -141,11 +141,11 @@ class TestLogSumExp:
 
 class TestSelection:
     def test_budget_chooses_the_path(self, rng, monkeypatch):
-        from mha_xp import _attention
+        from mha_xp._core import _plan
 
         seen = []
-        real = _attention.plan_blocks
-        monkeypatch.setattr(_attention, "plan_blocks", lambda *a: seen.append(real(*a)) or seen[-1])
+        real = _plan.plan_blocks
+        monkeypatch.setattr(_plan, "plan_blocks", lambda *a: seen.append(real(*a)) or seen[-1])
         q = k = v = rng.standard_normal((2, 16, 4))  # dense scores: 2*16*16*8 = 4096 bytes
         sdpa(q, k, v)
         sdpa(q, k, v, memory_budget=4096)
@@ -221,16 +221,16 @@ class TestInPlaceFastPath:
     def test_chunked_bit_identical(self, rng):
         import array_api_compat.numpy as xp
 
-        from mha_xp._chunked import chunked_attention
+        from mha_xp._core._chunked import chunked_attention
+        from mha_xp._spec import AttentionSpec, Block
 
         q, k, v = (rng.standard_normal(s) for s in [(2, 3, 9, 4), (2, 3, 11, 4), (2, 3, 11, 5)])
         mask = rng.random((9, 11)) < 0.8
         bias = rng.standard_normal((3, 9, 11))
         keep = rng.random((2, 1, 1, 11)) < 0.8
-        kwargs = dict(mask=mask, key_keep=keep, bias=bias, is_causal=True, scale=0.3,
-                      q_block=4, k_block=3, xp=xp)
-        fast = chunked_attention(q, k, v, **kwargs, in_place=True)
-        portable = chunked_attention(q, k, v, **kwargs, in_place=False)
+        spec = AttentionSpec(scale=0.3, mask=mask, key_keep=keep, bias=bias, is_causal=True)
+        fast = chunked_attention(q, k, v, spec, Block(), (4, 3), xp=xp, in_place=True)
+        portable = chunked_attention(q, k, v, spec, Block(), (4, 3), xp=xp, in_place=False)
         np.testing.assert_array_equal(fast[0], portable[0])
         for a, b in zip(fast[1], portable[1]):
             np.testing.assert_array_equal(a, b)
@@ -238,7 +238,7 @@ class TestInPlaceFastPath:
     def test_softmax_bit_identical(self, rng):
         import array_api_compat.numpy as xp
 
-        from mha_xp._lib._math import masked_softmax
+        from mha_xp._lib._softmax import masked_softmax
 
         s = rng.standard_normal((3, 5, 7))
         allowed = rng.random((5, 7)) < 0.7
@@ -261,12 +261,10 @@ class TestInPlaceFastPath:
 
 class TestMemoryGuard:
     def test_weights_that_cannot_fit_raise_up_front(self, rng, monkeypatch):
-        from mha_xp import _config
+        from mha_xp._core import _plan
 
-        from mha_xp import _attention
-
-        monkeypatch.setattr(_attention, "_GUARD_FROM_BYTES", 0)  # guard small calls too
-        monkeypatch.setattr(_config, "host_memory_available", lambda xp, device: 10_000)
+        monkeypatch.setattr(_plan, "_GUARD_FROM_BYTES", 0)  # guard small calls too
+        monkeypatch.setattr(_plan, "host_memory_available", lambda xp, device: 10_000)
         q = rng.standard_normal((2, 40, 8))  # weights: 2 * 40 * 40 * 8 bytes = 25.6 kB
         with pytest.raises(MemoryError, match=r"return_weights=True needs the \(2, 40, 40\) "
                                               r"attention weights, 0.0 GiB in float64"):
@@ -275,13 +273,13 @@ class TestMemoryGuard:
             MHA(8, 2, seed=0)(q, return_weights=True)
 
     def test_a_generous_budget_cannot_overrun_memory(self, rng, monkeypatch):
-        from mha_xp import _attention, _config
+        from mha_xp._core import _plan
 
-        monkeypatch.setattr(_attention, "_GUARD_FROM_BYTES", 0)
-        monkeypatch.setattr(_config, "host_memory_available", lambda xp, device: 40_000)
+        monkeypatch.setattr(_plan, "_GUARD_FROM_BYTES", 0)
+        monkeypatch.setattr(_plan, "host_memory_available", lambda xp, device: 40_000)
         seen = []
-        real = _attention.plan_blocks
-        monkeypatch.setattr(_attention, "plan_blocks", lambda *a: seen.append(real(*a)) or seen[-1])
+        real = _plan.plan_blocks
+        monkeypatch.setattr(_plan, "plan_blocks", lambda *a: seen.append(real(*a)) or seen[-1])
         q = rng.standard_normal((2, 40, 8))
         out = sdpa(q, q, q, memory_budget=10**12)  # dense would need 25.6 kB x 3
         assert seen[-1] is not None  # took the chunked path
@@ -289,19 +287,19 @@ class TestMemoryGuard:
         np.testing.assert_allclose(out, sdpa(q, q, q), rtol=1e-12)
 
     def test_small_calls_skip_the_guard(self, rng, monkeypatch):
-        from mha_xp import _config
+        from mha_xp._core import _plan
 
         def fail(xp, device):
             raise AssertionError("read /proc/meminfo for a tiny call")
 
-        monkeypatch.setattr(_config, "host_memory_available", fail)
+        monkeypatch.setattr(_plan, "host_memory_available", fail)
         q = rng.standard_normal((2, 40, 8))
         sdpa(q, q, q, return_weights=True)
 
     def test_available_memory_is_read(self):
         import array_api_compat.numpy as xp
 
-        from mha_xp._config import host_memory_available
+        from mha_xp._lib._backends import host_memory_available
 
         avail = host_memory_available(xp, "cpu")
         assert avail is None or avail > 0

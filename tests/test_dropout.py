@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import REL_TOL, assert_close, assert_preserved, make_backend, rel_err
-from mha_xp._random import dropout_keep
-from reference_variants import central_differences, ref_positions, ref_variants
+from mha_xp._lib._random import dropout_keep
+from support import REL_TOL, assert_close, assert_preserved, make_backend, rel_err
+from support.reference_variants import central_differences, ref_positions, ref_variants
 
 SDPA = mha_xp.scaled_dot_product_attention
 MHA = mha_xp.MultiHeadAttention
@@ -220,28 +220,28 @@ class TestSemantics:
         # the portable one, forward and backward.
         import array_api_compat.numpy as xp
 
-        from mha_xp._backward import attention_backward
-        from mha_xp._chunked import chunked_attention
-        from mha_xp._masks import Variants
+        from mha_xp._core._backward import Saved, attention_backward
+        from mha_xp._core._chunked import chunked_attention
+        from mha_xp._spec import AttentionSpec, Block
 
         q, k, v = (rng.standard_normal(s) for s in [(2, 3, 9, 4), (1, 3, 11, 4), (2, 3, 11, 5)])
-        kwargs = dict(mask=None, key_keep=None, bias=None, is_causal=True, scale=0.4,
-                      q_block=4, k_block=5, xp=xp, variants=Variants(dropout=(0.25, 8)))
-        fast = chunked_attention(q, k, v, **kwargs, in_place=True)
-        portable = chunked_attention(q, k, v, **kwargs, in_place=False)
+        spec = AttentionSpec(scale=0.4, is_causal=True, dropout=(0.25, 8))
+        fast = chunked_attention(q, k, v, spec, Block(), (4, 5), xp=xp, in_place=True)
+        portable = chunked_attention(q, k, v, spec, Block(), (4, 5), xp=xp, in_place=False)
         np.testing.assert_array_equal(fast[0], portable[0])
         go = rng.standard_normal(fast[0].shape)
-        g_fast = attention_backward(q, k, v, fast[0], fast[1], go, **kwargs, in_place=True)
-        g_port = attention_backward(q, k, v, fast[0], fast[1], go, **kwargs, in_place=False)
+        saved = Saved(q, k, v, *fast)
+        g_fast = attention_backward(saved, go, spec, Block(), (4, 5), xp=xp, in_place=True)
+        g_port = attention_backward(saved, go, spec, Block(), (4, 5), xp=xp, in_place=False)
         for a, b in zip(g_fast, g_port):
             np.testing.assert_array_equal(a, b)
 
     def test_large_calls_take_the_chunked_path(self, rng, monkeypatch):
         # With dropout the dense path is kept for score tensors of one block at
         # most (the mask is faster to generate in blocks): shrink the block.
-        import mha_xp._attention as core
+        import mha_xp._core._plan as core
 
-        monkeypatch.setattr(core, "_BLOCK_ELEMENTS", 16)
+        monkeypatch.setattr(core, "BLOCK_ELEMENTS", 16)
         q, k, v = _inputs(rng)
         blocks = core.default_blocks((2, 4), 9, 11)
         out = SDPA(q, k, v, dropout_p=0.3, seed=2, memory_budget=2**30)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import make_backend
+from support import make_backend
 
 MHA = mha_xp.MultiHeadAttention
 sdpa = mha_xp.scaled_dot_product_attention

@@ -17,9 +17,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import mha_xp
-from _hypothesis_profiles import budget
-from conftest import FLOAT16_BACKENDS, REL_TOL, assert_preserved
-from reference import ref_attention, ref_mha
+from support import FLOAT16_BACKENDS, REL_TOL, assert_preserved
+from support._hypothesis_profiles import budget
+from support.reference import ref_attention, ref_mha
 
 sdpa = mha_xp.scaled_dot_product_attention
 

@@ -1,4 +1,4 @@
-"""NumPy outputs pinned bit for bit (``tests/golden_cases.py``): a
+"""NumPy outputs pinned bit for bit (``tests/support/golden_cases.py``): a
 restructuring of the library must not change a single bit of them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from golden_cases import CASES
+from support.golden_cases import CASES
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "golden.npz")
 

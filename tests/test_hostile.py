@@ -33,8 +33,8 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import mha_xp
-from _hypothesis_profiles import budget
-from conftest import FLOAT16_BACKENDS, make_backend
+from support import FLOAT16_BACKENDS, make_backend
+from support._hypothesis_profiles import budget
 
 PACKAGE = Path(mha_xp.__file__).resolve().parent
 MHA = mha_xp.MultiHeadAttention

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import pickle
 import sys
@@ -22,8 +23,8 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import mha_xp
-from _hypothesis_profiles import budget
-from conftest import FLOAT16_BACKENDS
+from support import FLOAT16_BACKENDS
+from support._hypothesis_profiles import budget
 
 MHA = mha_xp.MultiHeadAttention
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
@@ -107,17 +108,23 @@ class TestRoundTrip:
 
     def test_npz_is_a_plain_archive_with_torch_names(self, layer, tmp_path):
         with np.load(saved(tmp_path, layer), allow_pickle=False) as f:
-            assert sorted(f.files) == ["in_proj_bias", "in_proj_weight", "num_heads",
-                                       "out_proj.bias", "out_proj.weight"]
+            assert sorted(f.files) == ["in_proj_bias", "in_proj_weight", "mha_xp_config",
+                                       "num_heads", "out_proj.bias", "out_proj.weight"]
             assert f["num_heads"].shape == () and f["num_heads"].dtype == np.int64
             assert int(f["num_heads"]) == 2
+            # The configuration: JSON in a 0-d unicode array, read without pickle.
+            assert f["mha_xp_config"].shape == () and f["mha_xp_config"].dtype.kind == "U"
+            assert json.loads(str(f["mha_xp_config"])) == layer.config.to_dict()
 
     @needs_safetensors
     def test_safetensors_has_num_heads_metadata(self, layer, tmp_path):
         from safetensors import safe_open
 
         with safe_open(saved(tmp_path, layer, "safetensors"), framework="numpy") as f:
-            assert f.metadata() == {"num_heads": "2"}
+            metadata = f.metadata()
+            assert sorted(metadata) == ["mha_xp_config", "num_heads"]
+            assert metadata["num_heads"] == "2"
+            assert json.loads(metadata["mha_xp_config"]) == layer.config.to_dict()
             assert sorted(f.keys()) == sorted(layer.state_dict())
 
     def test_str_path_and_overwrite(self, layer, tmp_path):

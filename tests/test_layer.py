@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import assert_close, assert_preserved, make_backend, rel_err
-from reference import ref_mha
+from support import assert_close, assert_preserved, make_backend, rel_err
+from support.reference import ref_mha
 
 MHA = mha_xp.MultiHeadAttention
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import assert_close, assert_preserved, make_backend, rel_err
+from support import assert_close, assert_preserved, make_backend, rel_err
 
 torch = pytest.importorskip("torch", reason="optional backend torch not installed")
 
@@ -190,7 +190,7 @@ class TestBiasKVZeroAttn:
 def _gqa_ref(params, x, H, causal):
     """float64 NumPy reference of grouped-query self-attention: head h uses
     key/value head h // (H // Hkv)."""
-    from reference import ref_attention
+    from support.reference import ref_attention
 
     E = params["out_proj.weight"].shape[0]
     D = E // H
@@ -307,7 +307,7 @@ class TestKVCache:
 
     @pytest.mark.parametrize("name", ["numpy", "array_api_strict", "torch"])
     def test_overflow_is_an_error_where_length_is_readable(self, rng, name):
-        from conftest import make_backend
+        from support import make_backend
 
         backend = make_backend(name)
         layer = _to_backend(MHA(8, 2, seed=3), backend, "float64")
@@ -465,10 +465,12 @@ class TestOptions:
             n: p.grad.numpy() for n, p in m.named_parameters()}, "float64")
 
     def test_option_errors(self):
-        with pytest.raises(ValueError, match="rotary_dim must be even"):
+        with pytest.raises(ValueError, match="rotary_dim must be an even int"):
             MHA(8, 2, rotary=True, rotary_dim=3)
-        with pytest.raises(ValueError, match="window's left size"):
-            MHA(8, 2, window=(-2, 0))
+        # Any negative side is unbounded, as in scaled_dot_product_attention.
+        assert MHA(8, 2, window=(-2, 0)).config.window == (None, 0)
+        with pytest.raises(TypeError, match="window must be a pair of ints"):
+            MHA(8, 2, window=(1.5, 0))
         with pytest.raises(ValueError, match="alibi must hold num_heads = 2"):
             MHA(8, 2, alibi=[0.5])
         with pytest.raises(ValueError, match="softcap must be a positive"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import REL_TOL, assert_close, assert_preserved, rel_err
+from support import REL_TOL, assert_close, assert_preserved, rel_err
 from mha_xp._norm import qk_layer_norm, qk_layer_norm_backward
 
 EPS = 1e-6

@@ -6,7 +6,7 @@ batches and broadcasting leading axes; float32 and float64 (and float16 where
 the backend has it); boolean masks of every broadcastable rank; biases with
 ``-inf`` entries; causal masking; custom scales; the dense path and the
 chunked one (``chunk_size=``, or a zero memory budget). The CI budget per
-property is the ``budget(n)`` on each test (see ``_hypothesis_profiles``).
+property is the ``budget(n)`` on each test (see ``support/_hypothesis_profiles.py``).
 
 Array contents come from ``np.random.default_rng(seed)`` with a drawn seed:
 Hypothesis explores and shrinks shapes, flags and seeds, while drawing the
@@ -24,9 +24,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import mha_xp
-from _hypothesis_profiles import budget
-from conftest import FLOAT16_BACKENDS, REL_TOL, assert_preserved
-from reference import ref_attention, ref_mha
+from support import FLOAT16_BACKENDS, REL_TOL, assert_preserved
+from support._hypothesis_profiles import budget
+from support.reference import ref_attention, ref_mha
 
 sdpa = mha_xp.scaled_dot_product_attention
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from mha_xp._random import dropout_keep, random_words, threefry2x32
+from mha_xp._lib._random import dropout_keep, random_words, threefry2x32
 
 M32 = np.uint64(0xFFFFFFFF)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import assert_close, rel_err
-from reference import ref_attention
+from support import assert_close, rel_err
+from support.reference import ref_attention
 
 sdpa = mha_xp.scaled_dot_product_attention
 MHA = mha_xp.MultiHeadAttention

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import REL_TOL, assert_close, assert_preserved, rel_err
+from support import REL_TOL, assert_close, assert_preserved, rel_err
 
 
 def ref_rotary(x, positions, *, base=10000.0, interleaved=False, rotary_dim=None):

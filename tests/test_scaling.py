@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import REL_TOL, rel_err
-from reference import ref_attention
+from support import REL_TOL, rel_err
+from support.reference import ref_attention
 
 da = pytest.importorskip("dask.array", reason="optional backend dask unavailable: pip install 'dask[array]'")
 

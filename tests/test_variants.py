@@ -1,6 +1,6 @@
 """Score-level attention variants: grouped-query attention, sliding window,
 ALiBi, logit soft-capping and packed variable-length sequences, against the
-float64 reference of ``reference_variants.py`` on every backend, dense and
+float64 reference of ``support/reference_variants.py`` on every backend, dense and
 chunked, forward and backward, and against torch where torch has them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import mha_xp
-from conftest import REL_TOL, assert_close, assert_preserved, rel_err
-from reference_variants import (
+from support import REL_TOL, assert_close, assert_preserved, rel_err
+from support.reference_variants import (
     central_differences,
     ref_alibi_slopes,
     ref_positions,
@@ -408,31 +408,31 @@ class TestDaskQueryBlocks:
 
 class TestInternals:
     def _variants(self, rng, xp):
-        from mha_xp._masks import Variants
-
         slopes = -xp.reshape(xp.asarray(SLOPES4[:3]), (3, 1, 1))
-        return Variants(window=(4, 2), softcap=1.3, neg_slopes=slopes)
+        return dict(window=(4, 2), softcap=1.3, neg_slopes=slopes)
 
     def test_in_place_bit_identical(self, rng):
         # NumPy's in-place fast path (soft-cap, ALiBi added into the score
         # block) against the portable path, forward and backward.
         import array_api_compat.numpy as xp
 
-        from mha_xp._backward import attention_backward
-        from mha_xp._chunked import chunked_attention
+        from mha_xp._core._backward import Saved, attention_backward
+        from mha_xp._core._chunked import chunked_attention
+        from mha_xp._spec import AttentionSpec, Block
 
         q, k, v = (rng.standard_normal(s) for s in [(2, 3, 9, 4), (2, 3, 11, 4), (2, 3, 11, 5)])
         bias = rng.standard_normal((3, 9, 11))
-        kwargs = dict(mask=rng.random((9, 11)) < 0.8, key_keep=None, bias=bias, is_causal=True,
-                      scale=0.3, q_block=4, k_block=3, xp=xp, variants=self._variants(rng, xp))
-        fast = chunked_attention(q, k, v, **kwargs, in_place=True)
-        portable = chunked_attention(q, k, v, **kwargs, in_place=False)
+        spec = AttentionSpec(scale=0.3, mask=rng.random((9, 11)) < 0.8, bias=bias,
+                             is_causal=True, **self._variants(rng, xp))
+        fast = chunked_attention(q, k, v, spec, Block(), (4, 3), xp=xp, in_place=True)
+        portable = chunked_attention(q, k, v, spec, Block(), (4, 3), xp=xp, in_place=False)
         np.testing.assert_array_equal(fast[0], portable[0])
         for a, b in zip(fast[1], portable[1]):
             np.testing.assert_array_equal(a, b)
         go = rng.standard_normal(fast[0].shape)
-        g_fast = attention_backward(q, k, v, fast[0], fast[1], go, **kwargs, in_place=True)
-        g_port = attention_backward(q, k, v, fast[0], fast[1], go, **kwargs, in_place=False)
+        saved = Saved(q, k, v, *fast)
+        g_fast = attention_backward(saved, go, spec, Block(), (4, 3), xp=xp, in_place=True)
+        g_port = attention_backward(saved, go, spec, Block(), (4, 3), xp=xp, in_place=False)
         for a, b in zip(g_fast, g_port):
             np.testing.assert_array_equal(a, b)
 
@@ -441,14 +441,14 @@ class TestInternals:
     def test_window_skips_key_blocks(self, rng, monkeypatch, window, causal, expected):
         # 16 queries in blocks of 4 against 16 keys in blocks of 4: a narrow
         # window touches at most 3 key blocks per query block, not 4.
-        import mha_xp._backward as backward_mod
-        import mha_xp._chunked as chunked_mod
+        import mha_xp._core._backward as backward_mod
+        import mha_xp._core._chunked as chunked_mod
 
         calls = []
         real = chunked_mod.block_scores
 
         def counting(*args, **kwargs):
-            calls.append(kwargs["cols"])
+            calls.append(args[4])  # (q, key, spec, rows, cols, offset)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(chunked_mod, "block_scores", counting)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from array_api_compat import is_cupy_namespace, is_numpy_namespace
-
+from ._backends import writes_in_place
 from ._namespace import Array
 
 __all__ = [
@@ -24,11 +23,6 @@ __all__ = [
     "softcap_into",
     "writes_in_place",
 ]
-
-
-def writes_in_place(xp: ModuleType) -> bool:
-    """Whether ``xp``'s elementwise functions take ``out=`` (NumPy, CuPy)."""
-    return is_numpy_namespace(xp) or is_cupy_namespace(xp)
 
 
 def _fits(b: Array, s: Array) -> bool:

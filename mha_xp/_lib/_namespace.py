@@ -11,8 +11,9 @@ from typing import Any
 
 import array_api_compat
 import array_api_compat.numpy as _compat_numpy
-import numpy as np
-from array_api_compat import array_namespace, device, is_array_api_obj, is_torch_array
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+from ._backends import is_plain_numpy, non_strided_layout
 
 Array = Any
 
@@ -21,7 +22,7 @@ def _namespace_and_device(x: Array) -> tuple[ModuleType, Any]:
     """``array_namespace(x)`` and ``device(x)``, with a shortcut for plain
     NumPy arrays (the common case, where this lookup is a measurable share of
     a small call)."""
-    if type(x) is np.ndarray:
+    if is_plain_numpy(x):
         return _compat_numpy, "cpu"
     return array_namespace(x), device(x)
 
@@ -77,7 +78,7 @@ def _require_array(name: str, x: Any) -> None:
     (and whose ``matmul`` broadcasts wrongly), and sparse or other non-strided
     torch tensors, which fail deep inside torch on the first reshape.
     """
-    if type(x) is np.ndarray:  # the common case, and always acceptable
+    if is_plain_numpy(x):  # the common case, and always acceptable
         return
     if x is None or not is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
         raise TypeError(
@@ -90,9 +91,10 @@ def _require_array(name: str, x: Any) -> None:
             f"np.ma.getdata({name}) and say which entries to skip with mask= "
             f"(or the layer's key_padding_mask=)"
         )
-    if is_torch_array(x) and str(getattr(x, "layout", "torch.strided")) != "torch.strided":
+    layout = non_strided_layout(x)
+    if layout is not None:
         raise TypeError(
-            f"{name} is a torch tensor with layout {x.layout}; mha_xp computes with dense "
+            f"{name} is a torch tensor with layout {layout}; mha_xp computes with dense "
             f"(strided) tensors: pass {name}.to_dense()"
         )
 

@@ -13,8 +13,9 @@ import sys
 
 import numpy as np
 
+# tests/, so that the test-support package imports as pytest imports it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from golden_cases import CASES  # noqa: E402
+from support.golden_cases import CASES  # noqa: E402
 
 
 def main() -> None:

@@ -37,8 +37,7 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from ._checks import check_seed
-from ._lib._namespace import Array, dtype_name
+from ._namespace import Array, dtype_name
 
 __all__ = ["dropout_keep", "random_words", "threefry2x32"]
 
@@ -152,10 +151,11 @@ def _check_seed64(seed: Any) -> int:
             "seed must be a non-negative int for dropout (the mask is a function of "
             f"the seed and the positions), got {type(seed).__name__} {seed!r}"
         )
-    seed = check_seed(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
     if seed >= 2**64:
         raise ValueError(f"seed must be below 2**64, got {seed}")
-    return seed
+    return int(seed)
 
 
 def random_words(

@@ -10,9 +10,10 @@ and computed in 25 s; mapped over the blocks, 129 tasks and 2 s).
 
 :func:`attend_blocks` maps attention over the blocks instead, with
 :func:`dask.array.apply_gufunc`: every block of queries (one chunk along the
-batch, head and query axes) is one task that runs ``attend`` on the block's
-own arrays (NumPy, or CuPy under Dask), which chooses its path and blocks
-from the block's size and the memory budget. No task holds more than one
+batch, head and query axes) is one task that plans its path and blocks from
+the block's size and the memory budget resolved when the graph was built
+(never from the memory of the machine it runs on), then runs the executor
+on the block's own arrays (NumPy, or CuPy under Dask). No task holds more than one
 block's scores, and with the budget's chunked path not even that.
 
 Each task needs all the keys of its rows, so chunks along the key axis
@@ -34,94 +35,83 @@ positions, passed in as one more blocked argument (``lead_index``).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from array_api_compat import array_namespace, device as device_of
 
-from .._config import resolve_budget
-from .._masks import Variants, key_range
-from ._namespace import Array, compute_dtype
+from .._lib._namespace import Array, compute_dtype
+from .._lib._shapes import at_least_2d, broadcast_shapes
+from .._spec import AttentionSpec, Block, Plan, Request
+from . import _execute
+from ._plan import plan_local
+from ._positions import diag_offset, key_range
 
-__all__ = ["attend_blocks"]
+__all__ = ["attend_blocks", "merge_core"]
+
+# The spec's arrays, by the axis they run along in a task: the keys (a core
+# axis) or the queries (a loop axis, like the rows' indices).
+_KEY_ARRAYS = ("mask", "key_keep", "bias", "neg_slopes", "k_seg")
+_ROW_ARRAYS = ("q_seg", "q_diag")
 
 
 def _block_task(
-    q: Array, k: Array, v: Array, rows: Any, *optional: Array,
-    names: tuple[str, ...], attend: Callable[..., Any], L: int, S: int, is_causal: bool,
-    scale: float, return_weights: bool, chunk_size: tuple[int, int] | None, budget: int,
-    window: tuple[int, int] | None = None, softcap: float | None = None,
-    dropout: tuple[float, int] | None = None,
+    q: Array, k: Array, v: Array, rows: Any, *optional: Array, names: tuple[str, ...],
+    static: AttentionSpec, plan: Plan, L: int, S: int,
 ) -> tuple[Array, ...]:
     """Attention of one block of queries against all keys: ``(out, m, l[, weights])``.
 
     ``k`` and ``v`` carry a size-1 axis where the queries have theirs (the
     query axis is a loop axis of the gufunc, the key axis a core one);
-    ``rows`` are the block's query indices. The optional arrays are those of
-    ``names``: ``q_seg`` and ``q_diag`` run along the block's queries, the
-    others along the keys.
+    ``rows`` are the block's query indices; ``optional`` the spec's arrays
+    (and dropout's ``lead_index``) named by ``names``; ``static`` the spec
+    without its arrays.
     """
     xp = array_namespace(q)
     k, v = k[..., 0, :, :], v[..., 0, :, :]
     opt = dict(zip(names, optional))
-    # The rows' indices (a tiny NumPy block): the causal triangle and the
-    # window are aligned bottom-right over the *whole* query axis, i.e. row i
-    # has its diagonal at key i + S - L. The block passes that global
-    # alignment on (offset = i0 + S - L for its first row), and keys from the
-    # block's last visible one on are dropped.
-    i0, i1 = int(rows[0]), int(rows[-1]) + 1
-    row_opt = {n: opt.pop(n) for n in ("q_seg", "q_diag") if n in opt}
     lead_index = opt.pop("lead_index", None)
     if lead_index is not None:  # (..., 1): the block's global (batch, head) indices
         lead_index = xp.asarray(lead_index[..., 0], device=device_of(q))
-    variants = Variants(window=window, softcap=softcap, neg_slopes=opt.pop("neg_slopes", None),
-                        q_seg=row_opt.get("q_seg"), k_seg=opt.get("k_seg"),
-                        q_diag=row_opt.get("q_diag"), offset=i0 + S - L, dropout=dropout,
-                        lead_index=lead_index, row_start=i0)
-    s_end = key_range(i0, i1, S, S - L, is_causal, variants)[1]
-    lead = tuple(int(n) for n in _broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]))
-    dtype, dev = q.dtype, device_of(q)
-    n_rows = i1 - i0
+    spec = static.replace(**opt)
+    # The causal triangle and the window are aligned over the *whole* query
+    # axis: the block passes that global alignment on, and keys from the
+    # block's last visible one on are dropped.
+    i0, i1 = int(rows[0]), int(rows[-1]) + 1
+    offset = i0 + diag_offset(L, S, spec, Block())
+    block = Block(row_start=i0, offset=offset, lead_index=lead_index)
+    s_end = key_range(i0, i1, S, offset, spec)[1]
+    lead = broadcast_shapes(*(tuple(int(n) for n in t.shape[:-2]) for t in (q, k, v)))
     if s_end == 0:  # no row of the block sees any key
-        work = compute_dtype(dtype, xp)
-        parts = [xp.zeros(lead + (n_rows, v.shape[-1]), dtype=dtype, device=dev),
-                 xp.zeros(lead + (n_rows,), dtype=work, device=dev),
-                 xp.zeros(lead + (n_rows,), dtype=work, device=dev)]
-        if return_weights:
-            parts.append(xp.zeros(lead + (n_rows, S), dtype=dtype, device=dev))
-        return tuple(parts)
+        return _empty_block(q, v, lead, i1 - i0, S, plan.return_weights, xp)
     if s_end < S:
         k, v = k[..., :s_end, :], v[..., :s_end, :]
-        opt = {n: a[..., :s_end] if a.shape[-1] != 1 else a for n, a in opt.items()}
-        variants = replace(variants, k_seg=opt.get("k_seg"))
-    out, weights, (m, l) = attend(
-        q, k, v, mask=opt.get("mask"), key_keep=opt.get("key_keep"), bias=opt.get("bias"),
-        is_causal=is_causal, scale=scale, return_weights=return_weights, return_stats=True,
-        chunk_size=chunk_size, memory_budget=budget, xp=xp, variants=variants)
-    if not return_weights:
+        spec = spec.replace(**{n: (a[..., :s_end] if a.shape[-1] != 1 else a)
+                               for n, a in opt.items() if n in _KEY_ARRAYS})
+    work = compute_dtype(q.dtype, xp)
+    local = plan_local(lead, i1 - i0, s_end, xp.finfo(work).bits // 8, spec,
+                       Request(plan.return_weights, True, plan.blocks), plan.budget)
+    out, weights, (m, l) = _execute.run(q, k, v, spec, block, local, xp=xp)
+    if not plan.return_weights:
         return out, m, l
     if s_end < S:
-        pad = xp.zeros(tuple(weights.shape[:-1]) + (S - s_end,), dtype=weights.dtype, device=dev)
+        pad = xp.zeros(tuple(weights.shape[:-1]) + (S - s_end,), dtype=weights.dtype,
+                       device=device_of(q))
         weights = xp.concat([weights, pad], axis=-1)
     return out, m, l, weights
 
 
-def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
-    ndim = max(len(s) for s in shapes)
-    out = []
-    for axis in range(-ndim, 0):
-        sizes = {s[axis] for s in shapes if len(s) >= -axis} - {1}
-        out.append(sizes.pop() if sizes else 1)
-    return tuple(out)
-
-
-def _as_2d(x: Array | None) -> Array | None:
-    """A mask or bias with its (L, S) axes present (0-d and 1-d ones broadcast)."""
-    if x is None or x.ndim >= 2:
-        return x
-    return x.reshape((1,) * (2 - x.ndim) + tuple(x.shape))
+def _empty_block(q: Array, v: Array, lead: tuple[int, ...], n_rows: int, S: int,
+                 return_weights: bool, xp: ModuleType) -> tuple[Array, ...]:
+    """The results of a block of queries that sees no key: zeros."""
+    dtype, dev = q.dtype, device_of(q)
+    work = compute_dtype(dtype, xp)
+    parts = [xp.zeros(lead + (n_rows, v.shape[-1]), dtype=dtype, device=dev),
+             xp.zeros(lead + (n_rows,), dtype=work, device=dev),
+             xp.zeros(lead + (n_rows,), dtype=work, device=dev)]
+    if return_weights:
+        parts.append(xp.zeros(lead + (n_rows, S), dtype=dtype, device=dev))
+    return tuple(parts)
 
 
 def _block_bytes(x: Array) -> int:
@@ -156,38 +146,20 @@ def merge_core(x: Array, n_core: int) -> Array:
 
 
 def attend_blocks(
-    attend: Callable[..., tuple[Array, Array | None, tuple[Array, Array] | None]],
-    query: Array,
-    key: Array,
-    value: Array,
-    /,
-    *,
-    mask: Array | None,
-    key_keep: Array | None,
-    bias: Array | None,
-    is_causal: bool,
-    scale: float,
-    return_weights: bool,
-    return_stats: bool,
-    chunk_size: tuple[int, int] | None,
-    memory_budget: int | None,
+    query: Array, key: Array, value: Array, spec: AttentionSpec, plan: Plan, /, *,
     xp: ModuleType,
-    variants: Variants | None = None,
 ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
-    """``attend`` on Dask arrays, as one lazy task per block of queries.
+    """Attention on Dask arrays, as one lazy task per block of queries.
 
-    Takes and returns what ``mha_xp._attention.attend`` does (``attend`` is
-    that function, passed in to avoid a circular import); the results are
-    lazy Dask arrays chunked like ``query`` along its batch, head and query
-    axes (after the merges described in the module docstring).
-
-    The memory budget is resolved here, when the graph is built: a
+    Returns ``(out, weights or None, stats or None)`` as lazy Dask arrays
+    chunked like ``query`` along its batch, head and query axes (after the
+    merges described in the module docstring). The memory budget was
+    resolved when the plan was made, with the graph: a
     ``with mha_xp.memory_budget(...)`` block around the call applies to the
     tasks, wherever and whenever they run.
     """
     import dask.array as da
 
-    budget = resolve_budget(memory_budget)
     L, S = int(query.shape[-2]), int(key.shape[-2])
     work = compute_dtype(query.dtype, xp)
     # The query axis is a loop axis (blocks of queries are independent), the
@@ -200,39 +172,36 @@ def attend_blocks(
             da.arange(L, chunks=(query.chunks[-2],))]
     signature = ["(d)", "(s,d)", "(s,e)", "()"]
     names = []
-    v = Variants() if variants is None else variants
-    for name, a in (("mask", _as_2d(mask)), ("key_keep", key_keep), ("bias", _as_2d(bias)),
-                    ("neg_slopes", v.neg_slopes), ("k_seg", v.k_seg)):
-        if a is not None:
-            args.append(merge_core(a, 1))
+    for name in _KEY_ARRAYS + _ROW_ARRAYS:
+        a = getattr(spec, name)
+        if a is None:
+            continue
+        if name in _KEY_ARRAYS:
+            args.append(merge_core(at_least_2d(a, xp) if name in ("mask", "bias") else a, 1))
             signature.append("(s)")
-            names.append(name)
-    for name, a in (("q_seg", v.q_seg), ("q_diag", v.q_diag)):
-        if a is not None:  # along the queries, like the rows' indices
+        else:  # along the queries, like the rows' indices
             args.append(a)
             signature.append("()")
-            names.append(name)
-    if v.dropout is not None:
+        names.append(name)
+    if spec.dropout is not None:
         # The global flattened index of every leading (batch, head) position,
         # with a size-1 query axis: each task gets those of its block.
-        lead = _broadcast_shapes(*(tuple(int(n) for n in t.shape[:-2])
-                                   for t in (query, key, value)))
+        lead = broadcast_shapes(*(tuple(int(n) for n in t.shape[:-2])
+                                  for t in (query, key, value)))
         index = da.arange(math.prod(lead), dtype=xp.int32)
         args.append(da.reshape(index, lead + (1,)))
         signature.append("()")
         names.append("lead_index")
-    outputs = ["(e)", "()", "()"] + (["(s)"] if return_weights else [])
-    dtypes = [query.dtype, work, work] + ([query.dtype] if return_weights else [])
+    outputs = ["(e)", "()", "()"] + (["(s)"] if plan.return_weights else [])
+    dtypes = [query.dtype, work, work] + ([query.dtype] if plan.return_weights else [])
+    static = spec.replace(**{n: None for n in _KEY_ARRAYS + _ROW_ARRAYS})
     results = da.apply_gufunc(
         _block_task, ",".join(signature) + "->" + ",".join(outputs), *args,
         output_dtypes=dtypes,
         # A mask or bias broadcast along the keys has a core axis "s" of size 1:
         # the outputs' sizes must not be inferred from it.
         output_sizes={"s": S, "e": int(value.shape[-1])}, allow_rechunk=True,
-        names=tuple(names), attend=attend, L=L, S=S, is_causal=is_causal, scale=scale,
-        return_weights=return_weights, chunk_size=chunk_size, budget=budget,
-        window=v.window, softcap=v.softcap, dropout=v.dropout,
+        names=tuple(names), static=static, plan=plan, L=L, S=S,
     )
     out, m, l = results[:3]
-    weights = results[3] if return_weights else None
-    return out, weights, (m, l) if return_stats else None
+    return out, results[3] if plan.return_weights else None, (m, l) if plan.return_stats else None

@@ -1,0 +1,1 @@
+"""The attention core: computes on validated input and raises no user-facing error."""

@@ -1,0 +1,89 @@
+"""The core's two entry points: attention under a plan, and its backward.
+
+Grouped-query attention is reshaped here (:mod:`._gqa`), then the plan's
+executor runs: the Dask executor for Dask arrays, the dense or the chunked
+one for eager arrays (:mod:`._execute`).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from .._lib._namespace import Array, compute_dtype
+from .._lib._shapes import broadcast_lead
+from .._spec import AttentionSpec, Block, Plan
+from . import _dask, _execute
+from ._backward import Saved, attention_backward
+from ._gqa import gqa_groups, group_spec, split_heads, ungroup
+from ._plan import default_blocks, plan_blocks
+
+__all__ = ["attend", "attend_backward"]
+
+
+def attend(query: Array, key: Array, value: Array, spec: AttentionSpec, plan: Plan, /, *,
+           xp: ModuleType, block: Block | None = None,
+           ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
+    """``softmax(Q K^T * scale + bias, allowed) V`` on validated inputs.
+
+    Returns ``(out, weights or None, stats or None)``: the output and weights
+    in the inputs' dtype, the rows' softmax statistics ``(m, l)`` in the
+    compute dtype (:mod:`mha_xp._lib._softmax`). With dropout, ``out`` is
+    ``(P * Z / (1 - p)) V`` while ``weights`` and ``stats`` are those of the
+    softmax ``P`` before dropout.
+    """
+    block = Block() if block is None else block
+    groups = gqa_groups(query, key, value)
+    if groups is not None:
+        gspec, gblock = group_spec(spec, block, groups, xp)
+        out, weights, stats = attend(
+            split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
+            xp.expand_dims(value, axis=-3), gspec, plan, xp=xp, block=gblock)
+        return (ungroup(out, 2, xp), ungroup(weights, 2, xp),
+                None if stats is None else tuple(ungroup(t, 1, xp) for t in stats))
+    if plan.executor == "dask":
+        return _dask.attend_blocks(query, key, value, spec, plan, xp=xp)
+    return _execute.run(query, key, value, spec, block, plan, xp=xp)
+
+
+def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
+                    chunk_size: tuple[int, int] | None, /, *, xp: ModuleType,
+                    ) -> tuple[Array, Array, Array, Array | None]:
+    """Gradients ``(dq, dk, dv, dbias)`` of :func:`attend` from what its
+    forward saved (inputs in their own dtype, output, statistics).
+
+    The blocks are those of the chunked path (``chunk_size`` when given),
+    whatever path the forward took: the backward keeps four score-sized
+    temporaries alive, and cache-sized blocks are faster than one big one.
+    16-bit inputs are computed in float32 and the gradients cast back.
+    Grouped-query attention is reshaped as in :func:`attend`; the key and
+    value gradients sum over the query heads of their group.
+    """
+    query, key, value = saved.query, saved.key, saved.value
+    groups = gqa_groups(query, key, value)
+    if groups is not None:
+        gspec, _ = group_spec(spec, Block(), groups, xp)
+        grouped = Saved(split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
+                        xp.expand_dims(value, axis=-3), split_heads(saved.out, groups, 2, xp),
+                        tuple(split_heads(t, groups, 1, xp) for t in saved.stats))
+        dq, dk, dv, dbias = attend_backward(grouped, split_heads(grad_out, groups, 2, xp),
+                                            gspec, chunk_size, xp=xp)
+        return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
+                xp.reshape(dv, tuple(value.shape)),
+                None if dbias is None else xp.reshape(dbias, tuple(spec.bias.shape)))
+    dtype = query.dtype
+    work = compute_dtype(dtype, xp)
+    if work != dtype:
+        saved = Saved(*(xp.astype(t, work) for t in (query, key, value, saved.out)), saved.stats)
+        grad_out = xp.astype(grad_out, work)
+    L, S = query.shape[-2], key.shape[-2]
+    lead = broadcast_lead(query, key, value)
+    blocks = (plan_blocks(lead, L, S, 0, chunk_size, 0) if chunk_size is not None
+              else default_blocks(lead, L, S))
+    bias_shape = None if spec.bias is None else tuple(spec.bias.shape)
+    grads = attention_backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
+                               blocks, xp=xp)
+    if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
+        grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
+    if work != dtype:
+        grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
+    return grads
