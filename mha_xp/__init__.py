@@ -12,12 +12,12 @@ from ._attention import (
     merge_attention,
     scaled_dot_product_attention,
 )
-from ._cache import KVCache
+from ._model._cache import KVCache
 from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
 from ._io import load_weights, save_weights
 from ._layer import MultiHeadAttention
 from ._attention import alibi_slopes
-from ._rotary import apply_rotary
+from ._model._rotary import apply_rotary
 
 __version__ = "0.1.0"
 

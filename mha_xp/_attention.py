@@ -31,21 +31,19 @@ from ._checks import (
     check_window,
 )
 from ._core._backward import Saved
-from ._core._dispatch import attend as core_attend, attend_backward as core_backward
-from ._core._plan import plan_call
+from ._core._dispatch import attend_backward as core_backward
 from ._core._positions import standard_alibi_slopes
 from ._lib._backends import host_readable
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
-from ._lib._shapes import broadcast_shapes
 from ._lib._softmax import lse_from_stats, merge_partials
-from ._spec import AttentionSpec, Plan, Request
+from ._run import run_attention
+from ._spec import AttentionSpec, Request
 
 __all__ = [
     "alibi_slopes",
     "attention_vjp",
     "attention_with_lse",
     "merge_attention",
-    "run_attention",
     "scaled_dot_product_attention",
 ]
 
@@ -85,32 +83,6 @@ def alibi_slopes(num_heads: int) -> list[float]:
     [0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125]
     """
     return standard_alibi_slopes(check_positive_int("num_heads", num_heads))
-
-
-def check_weights_fit(plan: Plan, shape: tuple[int, ...], work: Any) -> None:
-    """The memory guard: weights that cannot fit in the memory available
-    are refused up front, rather than by the operating system's OOM killer."""
-    if plan.available is not None and plan.weights_bytes > plan.available:
-        raise MemoryError(
-            f"return_weights=True needs the {shape} attention weights, "
-            f"{plan.weights_bytes / 2**30:.1f} GiB in {dtype_name(work)}, but only "
-            f"{plan.available / 2**30:.1f} GiB of memory is available; call without "
-            f"return_weights (attention itself takes the chunked path, whose memory "
-            f"is linear in L and S)"
-        )
-
-
-def run_attention(query: Array, key: Array, value: Array, spec: AttentionSpec,
-                  request: Request, /, *, xp: ModuleType,
-                  ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
-    """Plan a validated call, check that it fits, and run it in the core:
-    ``(out, weights or None, stats or None)``."""
-    plan = plan_call(query, key, value, spec, request, xp=xp)
-    if plan.weights_bytes:
-        lead = broadcast_shapes(*(tuple(t.shape[:-2]) for t in (query, key, value)))
-        check_weights_fit(plan, lead + (query.shape[-2], key.shape[-2]),
-                          compute_dtype(query.dtype, xp))
-    return core_attend(query, key, value, spec, plan, xp=xp)
 
 
 def _index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool, Any]:
@@ -652,35 +624,3 @@ def attention_vjp(
         return grads
 
     return out, backward
-
-
-# -- transitional: the layer's old entry points, until it builds specs itself --
-
-def attend(query: Array, key: Array, value: Array, /, *, mask: Any, key_keep: Any, bias: Any,
-           is_causal: bool, scale: float, return_weights: bool, return_stats: bool,
-           chunk_size: Any, memory_budget: Any, xp: ModuleType, variants: Any = None) -> Any:
-    """The former keyword interface of the core (used by the layer)."""
-    spec = _legacy_spec(mask, key_keep, bias, is_causal, scale, variants)
-    return run_attention(query, key, value, spec,
-                         Request(return_weights, return_stats, chunk_size, memory_budget), xp=xp)
-
-
-def attend_backward(query: Array, key: Array, value: Array, out: Array, stats: Any,
-                    grad_out: Array, /, *, mask: Any, key_keep: Any, bias: Any,
-                    is_causal: bool, scale: float, chunk_size: Any, xp: ModuleType,
-                    variants: Any = None) -> Any:
-    """The former keyword interface of the core's backward (used by the layer)."""
-    spec = _legacy_spec(mask, key_keep, bias, is_causal, scale, variants)
-    return core_backward(Saved(query, key, value, out, stats), grad_out, spec, chunk_size, xp=xp)
-
-
-def _legacy_spec(mask: Any, key_keep: Any, bias: Any, is_causal: bool, scale: float,
-                 variants: Any) -> AttentionSpec:
-    fields = {} if variants is None else {
-        n: getattr(variants, n) for n in ("window", "softcap", "neg_slopes", "q_seg", "k_seg",
-                                          "q_diag", "dropout")}
-    return AttentionSpec(scale=scale, mask=mask, key_keep=key_keep, bias=bias,
-                         is_causal=is_causal, **fields)
-
-
-_host_readable = host_readable

@@ -8,15 +8,22 @@ from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
+from ._lib._backends import host_readable
 from ._lib._namespace import (
     Array,
     common_namespace,
     dtype_name,
+    lib_name,
     require_bool,
     require_real_floating,
 )
+from ._spec import LayerCall
 
 __all__ = [
+    "check_cache_call",
+    "check_layer_call",
+    "check_training",
+    "check_weights_fit",
     "check_alibi",
     "check_alibi_slopes",
     "check_bias",
@@ -466,3 +473,155 @@ def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
         )
     if not increasing:
         raise ValueError(f"{name} must be non-decreasing (cumulative lengths)")
+
+
+def check_weights_fit(nbytes: int, available: int | None, shape: tuple[int, ...],
+                      work: Any) -> None:
+    """The memory guard: attention weights of ``nbytes`` that cannot fit in
+    the memory ``available`` (None: unknown) are refused up front, rather
+    than by the operating system's OOM killer."""
+    if available is not None and nbytes > available:
+        raise MemoryError(
+            f"return_weights=True needs the {shape} attention weights, "
+            f"{nbytes / 2**30:.1f} GiB in {dtype_name(work)}, but only "
+            f"{available / 2**30:.1f} GiB of memory is available; call without "
+            f"return_weights (attention itself takes the chunked path, whose memory "
+            f"is linear in L and S)"
+        )
+
+
+def _layer_inputs(query: Array, key: Array | None, value: Array | None, *, xp: ModuleType,
+                  device: Any, dtype: Any, config: Any) -> tuple[Array, Array, str, str]:
+    """The layer's key and value (defaulted), checked against the layer's
+    namespace, device, dtype and sizes; and the arguments they came from."""
+    key_src = "key" if key is not None else "value" if value is not None else "query"
+    value_src = "value" if value is not None else key_src
+    if key is None:
+        key = query if value is None else value
+    if value is None:
+        value = key
+    hint = (f"move the layer with layer.to(xp=..., device=...) (it holds "
+            f"{lib_name(xp)} arrays on {device})")
+    common_namespace((xp, device, hint), query=query, key=key, value=value)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        require_real_floating(name, x, xp)
+        if x.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {dtype_name(x.dtype)} but the layer's weights are "
+                f"{dtype_name(dtype)}; mha_xp does not promote silently: cast the "
+                f"input to {dtype_name(dtype)}, or convert the layer with layer.to(dtype=...)"
+            )
+    if query.ndim not in (2, 3):
+        raise ValueError(f"query must be (B, L, E) or unbatched (L, E), got shape {tuple(query.shape)}")
+    batched = query.ndim == 3
+    for name, x in (("key", key), ("value", value)):
+        if x.ndim != query.ndim:
+            raise ValueError(
+                f"{name} must have the rank of query ({query.ndim}-D, "
+                f"{'batched' if batched else 'unbatched'}), got shape {tuple(x.shape)}"
+            )
+    for name, x, size, what in (("query", query, config.embed_dim, "embed_dim"),
+                                 ("key", key, config.kdim, "kdim"),
+                                 ("value", value, config.vdim, "vdim")):
+        if x.shape[-1] != size:
+            raise ValueError(f"{name} must have {size} features ({what}) on its last axis, "
+                             f"got shape {tuple(x.shape)}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key and value must have the same batch size and length, got key "
+                         f"{tuple(key.shape)} and value {tuple(value.shape)}")
+    if batched and key.shape[0] != query.shape[0]:
+        raise ValueError(f"query and key must have the same batch size, got query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
+    if query.shape[-2] == 0 or key.shape[-2] == 0:
+        raise ValueError("query and key must have at least one position each (L >= 1, S >= 1), "
+                         f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
+    return key, value, key_src, value_src
+
+
+def check_layer_call(
+    query: Array, key: Array | None, value: Array | None, key_padding_mask: Array | None,
+    mask: Array | None, bias: Array | None, chunk_size: Any, *, xp: ModuleType, device: Any,
+    dtype: Any, config: Any,
+) -> LayerCall:
+    """Validate a call of the layer (``config`` its sizes: ``embed_dim``,
+    ``kdim``, ``vdim``, ``num_heads``) and bring it to batched form."""
+    key, value, key_src, value_src = _layer_inputs(query, key, value, xp=xp, device=device,
+                                                   dtype=dtype, config=config)
+    hint = (f"move the layer with layer.to(xp=..., device=...) (it holds "
+            f"{lib_name(xp)} arrays on {device})")
+    common_namespace((xp, device, hint), key_padding_mask=key_padding_mask, mask=mask, bias=bias)
+    batched = query.ndim == 3
+    chunk_size = check_chunk_size(chunk_size)
+    L, S = query.shape[-2], key.shape[-2]
+    scores_shape = ((query.shape[0],) if batched else ()) + (config.num_heads, L, S)
+    labels = "(B, H, L, S)" if batched else "(H, L, S)"
+    if mask is not None:
+        check_mask(mask, scores_shape, xp, labels)
+    if bias is not None:
+        check_bias(bias, dtype, scores_shape, xp, labels)
+    if key_padding_mask is not None:
+        require_bool("key_padding_mask", key_padding_mask, xp, "True marks padding keys")
+        want = scores_shape[:-3] + (S,)
+        if tuple(key_padding_mask.shape) != want:
+            raise ValueError(
+                f"key_padding_mask must have shape {'(B, S)' if batched else '(S,)'} = "
+                f"{want}, got {tuple(key_padding_mask.shape)}"
+            )
+    if not batched:
+        # Expand each distinct array once, so self-attention keeps its fused projection.
+        q1 = xp.expand_dims(query, axis=0)
+        k1 = q1 if key is query else xp.expand_dims(key, axis=0)
+        value = k1 if value is key else q1 if value is query else xp.expand_dims(value, axis=0)
+        query, key = q1, k1
+        if key_padding_mask is not None:
+            key_padding_mask = xp.expand_dims(key_padding_mask, axis=0)
+    # An unbatched (H, L, S) mask or bias broadcasts against (1, H, L, S) as it is.
+    return LayerCall(query, key, value, key_padding_mask, mask, bias, chunk_size, batched,
+                     key_src, value_src)
+
+
+def check_training(training: Any, dropout_seed: Any, p: float) -> tuple[float, int] | None:
+    """``(p, seed)`` when a layer call applies its dropout ``p``, else None."""
+    if not check_flag("training", training):
+        return None
+    return check_dropout(p, dropout_seed, seed_name="dropout_seed", p_name="dropout")
+
+
+def check_cache_call(cache: Any, call: LayerCall, *, is_causal: bool, cross: bool,
+                     training: bool, shape: tuple[int, int, int], dtype: Any) -> None:
+    """A decoding call with a cache (``shape`` the layer's ``(num_kv_heads,
+    max_length, head_dim)`` expectations but the length): causal
+    self-attention, no masks, a cache that fits the layer and has room."""
+    if training:
+        raise ValueError("dropout (training=True) is not supported with a cache: "
+                         "decoding is inference; call without training=True")
+    if not is_causal:
+        raise ValueError("decoding with a cache is causal attention: pass is_causal=True")
+    if cross:
+        raise ValueError("a cache is for self-attention: pass only query (key and value "
+                         "come from the cache)")
+    for name, given in (("key_padding_mask", call.key_padding_mask), ("mask", call.mask),
+                        ("bias", call.bias)):
+        if given is not None:
+            raise ValueError(f"{name} is not supported with a cache (the cache masks the "
+                             f"positions not yet filled itself)")
+    B, L = call.query.shape[0], call.query.shape[1]
+    want = (B, shape[0], cache.max_length, shape[2])
+    for name, a in (("cache.key", cache.key), ("cache.value", cache.value)):
+        if tuple(a.shape) != want:
+            raise ValueError(f"{name} must have shape (B, num_kv_heads, max_length, head_dim)"
+                             f" = {want} for this layer and query, got {tuple(a.shape)}")
+        if a.dtype != dtype:
+            raise TypeError(f"{name} has dtype {dtype_name(a.dtype)} but the layer's weights "
+                            f"are {dtype_name(dtype)}")
+    if L > cache.max_length:
+        raise ValueError(f"query has {L} positions but the cache holds at most "
+                         f"max_length = {cache.max_length}")
+    # Where reading the filled length is free (an eager host array), an
+    # overflow is an error; on GPU, lazy or traced arrays it cannot be
+    # checked without a sync or a concrete value (documented on KVCache).
+    if host_readable(cache.length) and int(cache.length) + L > cache.max_length:
+        raise ValueError(f"the cache holds {int(cache.length)} of its max_length = "
+                         f"{cache.max_length} positions: {L} more do not fit; make the "
+                         f"cache with layer.init_cache(batch_size, max_length) for the "
+                         f"longest sequence")

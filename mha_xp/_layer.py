@@ -2,42 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
-from ._attention import _host_readable, attend, attend_backward
-from ._backward import unbroadcast
-from ._cache import KVCache
-from ._masks import Variants, combine
-from ._norm import qk_layer_norm, qk_layer_norm_backward
 from ._checks import (
-    check_bias,
-    check_chunk_size,
-    check_dropout,
+    check_cache_call,
     check_dtype,
     check_flag,
     check_grad,
-    check_mask,
+    check_layer_call,
     check_positive_int,
     check_seed,
+    check_training,
 )
 from ._lib._namespace import (
     Array,
-    common_namespace,
-    compute_dtype,
     convert,
     dtype_name,
     lib_name,
     normalize_namespace,
-    require_bool,
-    require_real_floating,
 )
+from ._model._cache import KVCache
+from ._model._forward import LayerState, layer_backward, layer_forward
 from ._model._params import (
     LayerConfig,
     check_option_names,
@@ -47,57 +37,12 @@ from ._model._params import (
     config_from_shapes,
     init_params,
     param_shapes,
+    state_dict_from_weights,
 )
 
+from ._spec import Request
+
 __all__ = ["MultiHeadAttention"]
-
-def _linear(x: Array, weight: Array, bias: Array | None, xp: ModuleType) -> Array:
-    """``x @ weight.T + bias`` over the last axis, as one 2-D matmul."""
-    lead = x.shape[:-1]
-    y = xp.matmul(xp.reshape(x, (-1, x.shape[-1])), xp.matrix_transpose(weight))
-    if bias is not None:
-        y = y + bias
-    return xp.reshape(y, (*lead, weight.shape[0]))
-
-
-def _split_heads(x: Array, num_heads: int, xp: ModuleType) -> Array:
-    """``(B, L, H*D)`` to ``(B, H, L, D)``."""
-    B, L, E = x.shape
-    return xp.permute_dims(xp.reshape(x, (B, L, num_heads, E // num_heads)), (0, 2, 1, 3))
-
-
-# Flax's LayerNorm epsilon, for normalize_qk.
-_NORM_EPS = 1e-6
-
-
-def _pad_last(x: Array, S: int, n: int, fill: Any, xp: ModuleType) -> Array:
-    """A mask or bias over ``S`` keys (its last axis ``S`` or 1) extended by
-    ``n`` keys that take ``fill`` (torch pads ``attn_mask`` and
-    ``key_padding_mask`` the same way for ``add_bias_kv``/``add_zero_attn``)."""
-    if x.ndim < 2:
-        x = xp.reshape(x, (1,) * (2 - x.ndim) + tuple(x.shape))
-    lead = tuple(x.shape[:-1])
-    x = xp.broadcast_to(x, lead + (S,))
-    pad = xp.full(lead + (n,), fill, dtype=x.dtype, device=device_of(x))
-    return xp.concat([x, pad], axis=-1)
-
-
-@dataclass(frozen=True)
-class _Call:
-    """A validated call, in batched form; ``*_src`` name the argument each of
-    key and value came from (they default to one another and to query)."""
-
-    query: Array
-    key: Array
-    value: Array
-    key_padding_mask: Array | None
-    mask: Array | None
-    bias: Array | None
-    chunk_size: tuple[int, int] | None
-    batched: bool
-    key_src: str
-    value_src: str
-
 
 class MultiHeadAttention:
     """Multi-head attention ("Attention Is All You Need") on any array API library.
@@ -423,47 +368,7 @@ class MultiHeadAttention:
         for name, a in b.items():
             if a is not None and a.ndim != 1:
                 raise ValueError(f"{name} must be 1-D (E,), got shape {tuple(a.shape)}")
-        E = w["out_weight"].shape[0]
-        kv_dim = w["k_weight"].shape[0]
-        H = num_heads if isinstance(num_heads, int) and not isinstance(num_heads, bool) else 0
-        if kv_dim != E and H > 0 and E % H == 0:
-            D = E // H
-            if kv_dim == 0 or kv_dim % D or H % (kv_dim // D):
-                raise ValueError(
-                    f"k_weight must have {E} rows (out_features = embed_dim, from out_weight), "
-                    f"or num_kv_heads * head_dim rows for a num_kv_heads dividing num_heads = "
-                    f"{H} (head_dim = {D}), got shape {tuple(w['k_weight'].shape)}"
-                )
-        for name, rows, what in (("q_weight", E, "embed_dim, from out_weight"),
-                                 ("k_weight", kv_dim, "from k_weight"),
-                                 ("v_weight", kv_dim, "num_kv_heads * head_dim, from k_weight")):
-            if w[name].shape[0] != rows:
-                raise ValueError(
-                    f"{name} must have {rows} rows (out_features = {what}), "
-                    f"got shape {tuple(w[name].shape)}"
-                )
-        params: dict[str, Array] = {}
-        same = (kv_dim == E and w["k_weight"].shape[1] == E and w["v_weight"].shape[1] == E
-                and w["q_weight"].shape[1] == E)
-        if same:
-            params["in_proj_weight"] = layer_xp.concat(
-                [w["q_weight"], w["k_weight"], w["v_weight"]], axis=0
-            )
-        else:
-            params |= {"q_proj_weight": w["q_weight"], "k_proj_weight": w["k_weight"],
-                       "v_proj_weight": w["v_weight"]}
-        params["out_proj.weight"] = w["out_weight"]
-        if any(a is not None for a in b.values()):
-            sizes = {"q_bias": E, "k_bias": kv_dim, "v_bias": kv_dim, "out_bias": E}
-            for name, a in b.items():
-                if a is not None and a.shape != (sizes[name],):
-                    raise ValueError(f"{name} must have shape ({sizes[name]},), got {tuple(a.shape)}")
-            qb, kb, vb, ob = (
-                layer_xp.zeros((sizes[n],), dtype=w["out_weight"].dtype,
-                               device=device_of(w["out_weight"])) if a is None else a
-                for n, a in b.items())
-            params["in_proj_bias"] = layer_xp.concat([qb, kb, vb], axis=0)
-            params["out_proj.bias"] = ob
+        params = state_dict_from_weights(w, b, num_heads, layer_xp)
         for name, a in (("bias_k", bias_k), ("bias_v", bias_v), ("q_norm.weight", q_norm_weight),
                         ("k_norm.weight", k_norm_weight)):
             if a is not None:
@@ -721,20 +626,6 @@ class MultiHeadAttention:
         """The weights' dtype."""
         return self._dtype
 
-    def _in_weights(self) -> tuple[Array, Array, Array]:
-        p, E = self._params, self.embed_dim
-        if "in_proj_weight" in p:
-            w = p["in_proj_weight"]
-            return w[:E, ...], w[E:2 * E, ...], w[2 * E:, ...]
-        return p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
-
-    def _in_biases(self) -> tuple[Array | None, Array | None, Array | None]:
-        b, E = self._params.get("in_proj_bias"), self.embed_dim
-        if b is None:
-            return None, None, None
-        F = self.num_kv_heads * self.head_dim
-        return b[:E], b[E:E + F], b[E + F:]
-
     def __repr__(self) -> str:
         return (
             f"MultiHeadAttention({self._config.repr_args()}, xp={lib_name(self._xp)}, "
@@ -849,16 +740,21 @@ class MultiHeadAttention:
         return_weights = check_flag("return_weights", return_weights)
         average_weights = check_flag("average_weights", average_weights)
         is_causal = check_flag("is_causal", is_causal)
-        dropout = self._check_dropout(training, dropout_seed)
+        dropout = check_training(training, dropout_seed, self._config.dropout)
         if cache is not None:
-            if dropout is not None:
-                raise ValueError("dropout (training=True) is not supported with a cache: "
-                                 "decoding is inference; call without training=True")
-            self._check_cache(cache, call, is_causal, key is not None or value is not None)
-        out, weights, _, cache = self._forward(call, is_causal=is_causal,
-                                               return_weights=return_weights,
-                                               memory_budget=memory_budget, residuals=False,
-                                               cache=cache, dropout=dropout)
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache from layer.init_cache(...), got "
+                                f"{type(cache).__name__}")
+            c = self._config
+            check_cache_call(cache, call, is_causal=is_causal,
+                             cross=key is not None or value is not None,
+                             training=dropout is not None,
+                             shape=(c.num_kv_heads, cache.max_length, c.head_dim),
+                             dtype=self._dtype)
+        out, weights, _, cache = layer_forward(
+            self._state(), call, is_causal=is_causal, cache=cache, dropout=dropout,
+            request=Request(return_weights=return_weights, chunk_size=call.chunk_size,
+                            memory_budget=memory_budget))
         if return_weights:
             if average_weights:
                 weights = self._xp.mean(weights, axis=1)
@@ -908,49 +804,6 @@ class MultiHeadAttention:
         max_length = check_positive_int("max_length", max_length)
         return KVCache.empty(batch_size, self.num_kv_heads, max_length, self.head_dim,
                              xp=self._xp, device=self._device, dtype=self._dtype)
-
-    def _check_dropout(self, training: Any, dropout_seed: Any) -> tuple[float, int] | None:
-        """``(p, seed)`` when this call applies dropout, else None."""
-        training = check_flag("training", training)
-        if not training:
-            return None
-        return check_dropout(self._config.dropout, dropout_seed, seed_name="dropout_seed",
-                             p_name="dropout")
-
-    def _check_cache(self, cache: Any, call: _Call, is_causal: bool, cross: bool) -> None:
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache from layer.init_cache(...), got "
-                            f"{type(cache).__name__}")
-        if not is_causal:
-            raise ValueError("decoding with a cache is causal attention: pass is_causal=True")
-        if cross:
-            raise ValueError("a cache is for self-attention: pass only query (key and value "
-                             "come from the cache)")
-        for name, given in (("key_padding_mask", call.key_padding_mask), ("mask", call.mask),
-                            ("bias", call.bias)):
-            if given is not None:
-                raise ValueError(f"{name} is not supported with a cache (the cache masks the "
-                                 f"positions not yet filled itself)")
-        B, L = call.query.shape[0], call.query.shape[1]
-        want = (B, self.num_kv_heads, cache.max_length, self.head_dim)
-        for name, a in (("cache.key", cache.key), ("cache.value", cache.value)):
-            if tuple(a.shape) != want:
-                raise ValueError(f"{name} must have shape (B, num_kv_heads, max_length, head_dim)"
-                                 f" = {want} for this layer and query, got {tuple(a.shape)}")
-            if a.dtype != self._dtype:
-                raise TypeError(f"{name} has dtype {dtype_name(a.dtype)} but the layer's weights "
-                                f"are {dtype_name(self._dtype)}")
-        if L > cache.max_length:
-            raise ValueError(f"query has {L} positions but the cache holds at most "
-                             f"max_length = {cache.max_length}")
-        # Where reading the filled length is free (an eager host array), an
-        # overflow is an error; on GPU, lazy or traced arrays it cannot be
-        # checked without a sync or a concrete value (documented on KVCache).
-        if _host_readable(cache.length) and int(cache.length) + L > cache.max_length:
-            raise ValueError(f"the cache holds {int(cache.length)} of its max_length = "
-                             f"{cache.max_length} positions: {L} more do not fit; make the "
-                             f"cache with layer.init_cache(batch_size, max_length) for the "
-                             f"longest sequence")
 
     def vjp(
         self,
@@ -1026,318 +879,27 @@ class MultiHeadAttention:
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         is_causal = check_flag("is_causal", is_causal)
-        dropout = self._check_dropout(training, dropout_seed)
-        out, _, res, _ = self._forward(call, is_causal=is_causal, return_weights=False,
-                                       memory_budget=memory_budget, residuals=True,
-                                       dropout=dropout)
+        dropout = check_training(training, dropout_seed, self._config.dropout)
+        state = self._state()
+        out, _, res, _ = layer_forward(
+            state, call, is_causal=is_causal, dropout=dropout,
+            request=Request(return_stats=True, chunk_size=call.chunk_size,
+                            memory_budget=memory_budget))
 
         def backward(grad_out: Array) -> dict[str, Array]:
             check_grad(grad_out, out, xp=self._xp, name="grad_out")
-            return self._backward(call, res, grad_out, is_causal=is_causal)
+            return layer_backward(state, call, res, grad_out)
 
         return out, backward
 
     # -- internals of the call -----------------------------------------------
 
-    def _check_call(
-        self, query: Array, key: Array | None, value: Array | None,
-        key_padding_mask: Array | None, mask: Array | None, bias: Array | None,
-        chunk_size: Any,
-    ) -> _Call:
-        """Validate a call and bring it to batched form."""
-        key_src = "key" if key is not None else "value" if value is not None else "query"
-        value_src = "value" if value is not None else key_src
-        if key is None:
-            key = query if value is None else value
-        if value is None:
-            value = key
-        xp = self._xp
-        hint = (f"move the layer with layer.to(xp=..., device=...) (it holds "
-                f"{lib_name(xp)} arrays on {self._device})")
-        common_namespace((xp, self._device, hint), query=query, key=key, value=value,
-                         key_padding_mask=key_padding_mask, mask=mask, bias=bias)
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            require_real_floating(name, x, xp)
-            if x.dtype != self._dtype:
-                raise TypeError(
-                    f"{name} has dtype {dtype_name(x.dtype)} but the layer's weights are "
-                    f"{dtype_name(self._dtype)}; mha_xp does not promote silently: cast the "
-                    f"input to {dtype_name(self._dtype)}, or convert the layer with "
-                    f"layer.to(dtype=...)"
-                )
-        batched = query.ndim == 3
-        if query.ndim not in (2, 3):
-            raise ValueError(f"query must be (B, L, E) or unbatched (L, E), got shape {tuple(query.shape)}")
-        for name, x in (("key", key), ("value", value)):
-            if x.ndim != query.ndim:
-                raise ValueError(
-                    f"{name} must have the rank of query ({query.ndim}-D, "
-                    f"{'batched' if batched else 'unbatched'}), got shape {tuple(x.shape)}"
-                )
-        for name, x, size, what in (("query", query, self.embed_dim, "embed_dim"),
-                                     ("key", key, self.kdim, "kdim"),
-                                     ("value", value, self.vdim, "vdim")):
-            if x.shape[-1] != size:
-                raise ValueError(f"{name} must have {size} features ({what}) on its last axis, got shape {tuple(x.shape)}")
-        if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(
-                f"key and value must have the same batch size and length, got key "
-                f"{tuple(key.shape)} and value {tuple(value.shape)}"
-            )
-        if batched and key.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"query and key must have the same batch size, got query {tuple(query.shape)} "
-                f"and key {tuple(key.shape)}"
-            )
-        chunk_size = check_chunk_size(chunk_size)
-        L, S, H = query.shape[-2], key.shape[-2], self.num_heads
-        if L == 0 or S == 0:
-            raise ValueError(
-                "query and key must have at least one position each (L >= 1, S >= 1), "
-                f"got query {tuple(query.shape)} and key {tuple(key.shape)}"
-            )
-        scores_shape = ((query.shape[0],) if batched else ()) + (H, L, S)
-        labels = "(B, H, L, S)" if batched else "(H, L, S)"
-        if mask is not None:
-            check_mask(mask, scores_shape, xp, labels)
-        if bias is not None:
-            check_bias(bias, self._dtype, scores_shape, xp, labels)
-        if key_padding_mask is not None:
-            require_bool("key_padding_mask", key_padding_mask, xp, "True marks padding keys")
-            want = scores_shape[:-3] + (S,)
-            if tuple(key_padding_mask.shape) != want:
-                raise ValueError(
-                    f"key_padding_mask must have shape {'(B, S)' if batched else '(S,)'} = "
-                    f"{want}, got {tuple(key_padding_mask.shape)}"
-                )
-        if not batched:
-            # Expand each distinct array once, so self-attention keeps its fused projection.
-            q1 = xp.expand_dims(query, axis=0)
-            k1 = q1 if key is query else xp.expand_dims(key, axis=0)
-            value = k1 if value is key else q1 if value is query else xp.expand_dims(value, axis=0)
-            query, key = q1, k1
-            if key_padding_mask is not None:
-                key_padding_mask = xp.expand_dims(key_padding_mask, axis=0)
-        # An unbatched (H, L, S) mask or bias broadcasts against (1, H, L, S) as it is.
-        return _Call(query, key, value, key_padding_mask, mask, bias, chunk_size, batched,
-                     key_src, value_src)
+    def _state(self) -> LayerState:
+        return LayerState(self._params, self._config, self._xp, self._device, self._dtype)
 
-    def _forward(
-        self, call: _Call, *, is_causal: bool, return_weights: bool,
-        memory_budget: int | None, residuals: bool, cache: KVCache | None = None,
-        dropout: tuple[float, int] | None = None,
-    ) -> tuple[Array, Array | None, dict[str, Any] | None, KVCache | None]:
-        xp, c, p, dev = self._xp, self._config, self._params, self._device
-        query, key, value = call.query, call.key, call.value
-        B, L, S = query.shape[0], query.shape[1], key.shape[1]
-        key_keep = keep = None
-        if call.key_padding_mask is not None:
-            keep_bs = xp.logical_not(call.key_padding_mask)
-            key_keep = xp.reshape(keep_bs, (B, 1, 1, S))
-            # Padding must be inert even when it holds NaN or Inf: a zero weight
-            # does not suffice (0 * NaN = NaN), so zero the padded inputs.
-            keep = xp.reshape(keep_bs, (B, S, 1))
-            zero = xp.zeros((), dtype=self._dtype, device=dev)
-            same = value is key
-            key = xp.where(keep, key, zero)
-            value = key if same else xp.where(keep, value, zero)
-        q_in, k_in, v = self._project(query, key, value)
-        q, k = q_in, k_in
-        if c.normalize_qk:
-            q = qk_layer_norm(q, p["q_norm.weight"], eps=_NORM_EPS, xp=xp)
-            k = qk_layer_norm(k, p["k_norm.weight"], eps=_NORM_EPS, xp=xp)
-        # Positions: bottom-right aligned (query i sits at key position
-        # i + S - L), and continuing from the cache's length when decoding.
-        start = (S - L) if cache is None else cache.length
-        pos_q = xp.arange(L, device=dev) + start
-        pos_k = xp.arange(S, device=dev) + (0 if cache is None else cache.length)
-        if c.rotary:
-            q = self._rotate(q, pos_q, inverse=False)
-            k = self._rotate(k, pos_k, inverse=False)
-        mask, bias, causal = call.mask, call.bias, is_causal
-        positional = c.window is not None or c.alibi is not None
-        n_extra = c.add_bias_kv + c.add_zero_attn
-        if cache is not None:
-            cache = cache.append(k, v)
-            k, v = cache.key, cache.value
-            S = k.shape[2]
-            keys = xp.arange(S, device=dev)
-            pos_mask, pos_bias = self._position_terms(pos_q, keys, valid=keys < cache.length,
-                                                      causal=True)
-            mask, bias, causal, positional = pos_mask, pos_bias, False, False
-        elif n_extra and (causal or positional):
-            # The core aligns its causal/window/ALiBi terms to the last key; the
-            # appended keys of add_bias_kv/add_zero_attn must stay outside
-            # them (visible to every query, as in torch): build them here.
-            pos_mask, pos_bias = self._position_terms(pos_q, pos_k, valid=None, causal=causal)
-            mask = combine(mask, pos_mask, xp=xp)
-            bias = pos_bias if bias is None else (bias if pos_bias is None else bias + pos_bias)
-            causal, positional = False, False
-        if n_extra:
-            k, v = self._append_extras(k, v, B)
-            mask = None if mask is None else _pad_last(mask, S, n_extra, True, xp)
-            bias = None if bias is None else _pad_last(bias, S, n_extra, 0.0, xp)
-            key_keep = None if key_keep is None else _pad_last(key_keep, S, n_extra, True, xp)
-        core_kw = dict(mask=mask, key_keep=key_keep, bias=bias, is_causal=causal,
-                       scale=1.0 / math.sqrt(self.head_dim),
-                       variants=self._variants(positional, dropout))
-        heads, weights, stats = attend(
-            q, k, v, return_weights=return_weights, return_stats=residuals,
-            chunk_size=call.chunk_size, memory_budget=memory_budget, xp=xp, **core_kw)
-        merged = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, L, self.embed_dim))
-        out = _linear(merged, p["out_proj.weight"], p.get("out_proj.bias"), xp)
-        if not call.batched:
-            out = out[0, ...]
-        res = None
-        if residuals:
-            res = dict(key=key, value=value, keep=keep, q_in=q_in, k_in=k_in, q=q, k=k, v=v,
-                       heads=heads, stats=stats, merged=merged, core_kw=core_kw,
-                       pos_q=pos_q, pos_k=pos_k, n_extra=n_extra, S=S)
-        return out, weights, res, cache
-
-    def _variants(self, positional: bool,
-                  dropout: tuple[float, int] | None = None) -> Variants | None:
-        """What the core applies itself: soft-capping and ``dropout`` always,
-        the window and ALiBi when ``positional`` (aligned bottom-right to the
-        keys given)."""
-        c, xp = self._config, self._xp
-        window = neg_slopes = None
-        if positional and c.window is not None:
-            window = tuple(-1 if n is None else n for n in c.window)
-        if positional and c.alibi is not None:
-            work = compute_dtype(self._dtype, xp)
-            neg_slopes = xp.reshape(-xp.asarray(c.alibi, dtype=work, device=self._device),
-                                    (self.num_heads, 1, 1))
-        if window is None and neg_slopes is None and c.softcap is None and dropout is None:
-            return None
-        return Variants(window=window, softcap=c.softcap, neg_slopes=neg_slopes, dropout=dropout)
-
-    def _position_terms(
-        self, pos_q: Array, pos_k: Array, *, valid: Array | None, causal: bool,
-    ) -> tuple[Array | None, Array | None]:
-        """The causal, window and validity mask ``(L, S)`` and the ALiBi bias
-        ``(H, L, S)`` from the positions of queries and keys (index
-        arithmetic only, so that a cache's traced length works under
-        ``jax.jit``)."""
-        xp, c = self._xp, self._config
-        i, j = xp.expand_dims(pos_q, axis=1), xp.expand_dims(pos_k, axis=0)
-        mask = None if valid is None else xp.expand_dims(valid, axis=0)
-        if causal:
-            mask = combine(mask, j <= i, xp=xp)
-        if c.window is not None:
-            left, right = c.window
-            if left is not None:
-                mask = combine(mask, j >= i - left, xp=xp)
-            if right is not None:
-                mask = combine(mask, j <= i + right, xp=xp)
-        bias = None
-        if c.alibi is not None:
-            slopes = xp.asarray(c.alibi, dtype=self._dtype, device=self._device)
-            distance = xp.astype(xp.abs(i - j), self._dtype)
-            bias = -xp.reshape(slopes, (self.num_heads, 1, 1)) * distance
-        return mask, bias
-
-    def _rotate(self, x: Array, positions: Array, *, inverse: bool) -> Array:
-        from ._rotary import apply_rotary  # noqa: PLC0415 (a sibling module, imported when used)
-
-        c = self._config
-        return apply_rotary(x, positions, base=c.rotary_base, interleaved=c.rotary_interleaved,
-                            rotary_dim=c.rotary_dim, inverse=inverse)
-
-    def _append_extras(self, k: Array, v: Array, B: int) -> tuple[Array, Array]:
-        """torch's ``add_bias_kv`` then ``add_zero_attn``: one key/value
-        position each, appended after the real ones, for every head."""
-        xp, p = self._xp, self._params
-        shape = (B, self.num_kv_heads, 1, self.head_dim)
-        extra_k, extra_v = [k], [v]
-        if self._config.add_bias_kv:
-            for dst, name in ((extra_k, "bias_k"), (extra_v, "bias_v")):
-                dst.append(xp.broadcast_to(xp.reshape(p[name], (1, shape[1], 1, shape[3])), shape))
-        if self._config.add_zero_attn:
-            zeros = xp.zeros(shape, dtype=self._dtype, device=self._device)
-            extra_k.append(zeros)
-            extra_v.append(zeros)
-        return xp.concat(extra_k, axis=2), xp.concat(extra_v, axis=2)
-
-    def _backward(
-        self, call: _Call, res: dict[str, Any], grad_out: Array, *, is_causal: bool,
-    ) -> dict[str, Array]:
-        xp, E, H, D = self._xp, self.embed_dim, self.num_heads, self.head_dim
-        if not call.batched:
-            grad_out = xp.expand_dims(grad_out, axis=0)
-        B, L, _ = grad_out.shape
-        p = self._params
-        grads: dict[str, Array] = {}
-        dy = xp.reshape(grad_out, (B * L, E))
-        grads["out_proj.weight"] = xp.matmul(
-            xp.matrix_transpose(dy), xp.reshape(res["merged"], (B * L, E)))
-        if self._config.bias:
-            grads["out_proj.bias"] = xp.sum(dy, axis=0)
-        d_heads = _split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, E)), H, xp)
-        dq, dk, dv, dbias = attend_backward(
-            res["q"], res["k"], res["v"], res["heads"], res["stats"], d_heads,
-            chunk_size=call.chunk_size, xp=xp, **res["core_kw"])
-        S = res["S"]
-        if res["n_extra"]:
-            if self._config.add_bias_kv:
-                Fkv = self.num_kv_heads * D
-                grads["bias_k"] = xp.reshape(xp.sum(dk[:, :, S, :], axis=0), (1, 1, Fkv))
-                grads["bias_v"] = xp.reshape(xp.sum(dv[:, :, S, :], axis=0), (1, 1, Fkv))
-            dk, dv = dk[:, :, :S, :], dv[:, :, :S, :]
-            if dbias is not None:
-                dbias = dbias[..., :S]
-        if call.bias is not None and tuple(dbias.shape) != tuple(call.bias.shape):
-            dbias = unbroadcast(dbias, tuple(call.bias.shape), xp=xp)
-        if self._config.rotary:
-            dq = self._rotate(dq, res["pos_q"], inverse=True)
-            dk = self._rotate(dk, res["pos_k"], inverse=True)
-        if self._config.normalize_qk:
-            dq, grads["q_norm.weight"] = qk_layer_norm_backward(
-                dq, res["q_in"], p["q_norm.weight"], eps=_NORM_EPS, xp=xp)
-            dk, grads["k_norm.weight"] = qk_layer_norm_backward(
-                dk, res["k_in"], p["k_norm.weight"], eps=_NORM_EPS, xp=xp)
-        inputs = (call.query, res["key"], res["value"])
-        d_in, d_w, d_b = [], [], []
-        for d, x, w in zip((dq, dk, dv), inputs, self._in_weights()):
-            n, F = d.shape[2], d.shape[1] * D
-            d2 = xp.reshape(xp.permute_dims(d, (0, 2, 1, 3)), (B * n, F))
-            d_w.append(xp.matmul(xp.matrix_transpose(d2), xp.reshape(x, (B * n, x.shape[-1]))))
-            d_b.append(xp.sum(d2, axis=0))
-            d_in.append(xp.reshape(xp.matmul(d2, w), (B, n, x.shape[-1])))
-        if "in_proj_weight" in p:
-            grads["in_proj_weight"] = xp.concat(d_w, axis=0)
-        else:
-            grads["q_proj_weight"], grads["k_proj_weight"], grads["v_proj_weight"] = d_w
-        if self._config.bias:
-            grads["in_proj_bias"] = xp.concat(d_b, axis=0)
-        if res["keep"] is not None:  # padded keys and values do not reach the output
-            zero = xp.zeros((), dtype=self._dtype, device=self._device)
-            d_in[1] = xp.where(res["keep"], d_in[1], zero)
-            d_in[2] = xp.where(res["keep"], d_in[2], zero)
-        by_source: dict[str, Array] = {"query": d_in[0]}
-        for src, d in ((call.key_src, d_in[1]), (call.value_src, d_in[2])):
-            by_source[src] = by_source[src] + d if src in by_source else d
-        if not call.batched:
-            by_source = {n: g[0, ...] for n, g in by_source.items()}
-        if call.bias is not None:
-            grads["bias"] = dbias
-        ordered = {n: by_source[n] for n in ("query", "key", "value") if n in by_source}
-        return ordered | {n: grads[n] for n in ("bias", *p) if n in grads}
-
-    def _project(self, query: Array, key: Array, value: Array) -> tuple[Array, Array, Array]:
-        """The three input projections, split into heads: ``(B, H, L, D)``
-        queries, ``(B, num_kv_heads, S, D)`` keys and values."""
-        xp, H, Hkv = self._xp, self.num_heads, self.num_kv_heads
-        wq, wk, wv = self._in_weights()
-        bq, bk, bv = self._in_biases()
-        if "in_proj_weight" in self._params and key is query and value is query:
-            # Self-attention: one matmul for all three projections.
-            qkv = _linear(query, self._params["in_proj_weight"], self._params.get("in_proj_bias"), xp)
-            B, L, _ = qkv.shape
-            qkv = xp.permute_dims(xp.reshape(qkv, (B, L, 3, H, self.head_dim)), (2, 0, 3, 1, 4))
-            return qkv[0, ...], qkv[1, ...], qkv[2, ...]
-        return (
-            _split_heads(_linear(query, wq, bq, xp), H, xp),
-            _split_heads(_linear(key, wk, bk, xp), Hkv, xp),
-            _split_heads(_linear(value, wv, bv, xp), Hkv, xp),
-        )
+    def _check_call(self, query: Array, key: Array | None, value: Array | None,
+                    key_padding_mask: Array | None, mask: Array | None, bias: Array | None,
+                    chunk_size: Any) -> Any:
+        return check_layer_call(query, key, value, key_padding_mask, mask, bias, chunk_size,
+                                xp=self._xp, device=self._device, dtype=self._dtype,
+                                config=self._config)

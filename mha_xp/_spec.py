@@ -13,7 +13,7 @@ from typing import Any
 
 from ._lib._namespace import Array
 
-__all__ = ["AttentionSpec", "Block", "Plan", "Request"]
+__all__ = ["AttentionSpec", "Block", "LayerCall", "Plan", "Request"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,37 @@ class Plan:
     return_stats: bool = False
     weights_bytes: int = 0
     available: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """A validated call of the layer, in batched form.
+
+    Attributes
+    ----------
+    query, key, value : array
+        ``(B, L, E)``, ``(B, S, kdim)``, ``(B, S, vdim)`` (unbatched inputs
+        get a batch axis of 1); key and value default to one another and to
+        query, as the same arrays.
+    key_padding_mask : array of bool or None
+        ``(B, S)``; True marks padding.
+    mask, bias : array or None
+        As given (an unbatched ``(H, L, S)`` one broadcasts as it is).
+    chunk_size : (int, int) or None
+    batched : bool
+        Whether the inputs had a batch axis.
+    key_src, value_src : str
+        The argument each of key and value came from (``"query"``,
+        ``"key"`` or ``"value"``), to route their gradients.
+    """
+
+    query: Array
+    key: Array
+    value: Array
+    key_padding_mask: Array | None
+    mask: Array | None
+    bias: Array | None
+    chunk_size: tuple[int, int] | None
+    batched: bool
+    key_src: str
+    value_src: str

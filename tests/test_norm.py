@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from support import REL_TOL, assert_close, assert_preserved, rel_err
-from mha_xp._norm import qk_layer_norm, qk_layer_norm_backward
+from mha_xp._model._norm import qk_layer_norm, qk_layer_norm_backward
 
 EPS = 1e-6
 

@@ -149,7 +149,7 @@ def common_namespace(
         else:
             where_ns = f"{first} is {_a(lib_name(xp))} array"
             where_dev = f"{first} is on device {dev}"
-            fix = f"pass all arrays from one library, on one device"
+            fix = "pass all arrays from one library, on one device"
         if x_xp is not xp:
             raise TypeError(
                 f"{name} is {_a(lib_name(x_xp))} array but {where_ns}; "

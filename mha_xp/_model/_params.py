@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from array_api_compat import is_array_api_obj
+from array_api_compat import device as device_of, is_array_api_obj
 
 from .._checks import (
     check_alibi,
@@ -35,7 +35,7 @@ from .._checks import (
     check_window,
 )
 from .._lib._namespace import Array, common_namespace, dtype_name, lib_name, require_real_floating
-from .._masks import alibi_slopes
+from .._core._positions import standard_alibi_slopes as alibi_slopes
 
 __all__ = [
     "OPTIONS",
@@ -47,6 +47,7 @@ __all__ = [
     "config_from_shapes",
     "init_params",
     "param_shapes",
+    "state_dict_from_weights",
 ]
 
 #: The options a state dict does not determine (they are not parameters).
@@ -446,4 +447,56 @@ def init_params(config: LayerConfig, seed: Any) -> dict[str, np.ndarray]:
     if config.normalize_qk:
         params["q_norm.weight"] = np.ones(config.head_dim)
         params["k_norm.weight"] = np.ones(config.head_dim)
+    return params
+
+
+def state_dict_from_weights(w: Mapping[str, Array], b: Mapping[str, Array | None],
+                            num_heads: Any, xp: Any) -> dict[str, Array]:
+    """The torch-named parameters of
+    :meth:`~mha_xp.MultiHeadAttention.from_weights`' projection weights ``w``
+    (``q_weight``, ``k_weight``, ``v_weight``, ``out_weight``: 2-D, in the
+    layer's namespace) and biases ``b`` (1-D or None; a missing one is zero
+    when any is given): one packed ``in_proj_weight`` when all projections
+    are ``(E, E)``."""
+    E = w["out_weight"].shape[0]
+    kv_dim = w["k_weight"].shape[0]
+    H = num_heads if isinstance(num_heads, int) and not isinstance(num_heads, bool) else 0
+    if kv_dim != E and H > 0 and E % H == 0:
+        D = E // H
+        if kv_dim == 0 or kv_dim % D or H % (kv_dim // D):
+            raise ValueError(
+                f"k_weight must have {E} rows (out_features = embed_dim, from out_weight), "
+                f"or num_kv_heads * head_dim rows for a num_kv_heads dividing num_heads = "
+                f"{H} (head_dim = {D}), got shape {tuple(w['k_weight'].shape)}"
+            )
+    for name, rows, what in (("q_weight", E, "embed_dim, from out_weight"),
+                             ("k_weight", kv_dim, "from k_weight"),
+                             ("v_weight", kv_dim, "num_kv_heads * head_dim, from k_weight")):
+        if w[name].shape[0] != rows:
+            raise ValueError(
+                f"{name} must have {rows} rows (out_features = {what}), "
+                f"got shape {tuple(w[name].shape)}"
+            )
+    params: dict[str, Array] = {}
+    same = (kv_dim == E and w["k_weight"].shape[1] == E and w["v_weight"].shape[1] == E
+            and w["q_weight"].shape[1] == E)
+    if same:
+        params["in_proj_weight"] = xp.concat(
+            [w["q_weight"], w["k_weight"], w["v_weight"]], axis=0
+        )
+    else:
+        params |= {"q_proj_weight": w["q_weight"], "k_proj_weight": w["k_weight"],
+                   "v_proj_weight": w["v_weight"]}
+    params["out_proj.weight"] = w["out_weight"]
+    if any(a is not None for a in b.values()):
+        sizes = {"q_bias": E, "k_bias": kv_dim, "v_bias": kv_dim, "out_bias": E}
+        for name, a in b.items():
+            if a is not None and a.shape != (sizes[name],):
+                raise ValueError(f"{name} must have shape ({sizes[name]},), got {tuple(a.shape)}")
+        qb, kb, vb, ob = (
+            xp.zeros((sizes[n],), dtype=w["out_weight"].dtype,
+                           device=device_of(w["out_weight"])) if a is None else a
+            for n, a in b.items())
+        params["in_proj_bias"] = xp.concat([qb, kb, vb], axis=0)
+        params["out_proj.bias"] = ob
     return params

@@ -1,0 +1,28 @@
+"""From a validated call to its result: plan it, check that it fits, run the
+core. Shared by the function API and the layer."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ._checks import check_weights_fit
+from ._core._dispatch import attend
+from ._core._plan import plan_call
+from ._lib._namespace import Array, compute_dtype
+from ._lib._shapes import broadcast_shapes
+from ._spec import AttentionSpec, Request
+
+__all__ = ["run_attention"]
+
+
+def run_attention(query: Array, key: Array, value: Array, spec: AttentionSpec,
+                  request: Request, /, *, xp: ModuleType,
+                  ) -> tuple[Array, Array | None, tuple[Array, Array] | None]:
+    """Plan a validated call, check that what it returns fits in memory, and
+    run it in the core: ``(out, weights or None, stats or None)``."""
+    plan = plan_call(query, key, value, spec, request, xp=xp)
+    if plan.weights_bytes:
+        lead = broadcast_shapes(*(tuple(t.shape[:-2]) for t in (query, key, value)))
+        check_weights_fit(plan.weights_bytes, plan.available,
+                          lead + (query.shape[-2], key.shape[-2]), compute_dtype(query.dtype, xp))
+    return attend(query, key, value, spec, plan, xp=xp)
