@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any
 
 from ._lib._backends import host_readable
+from ._lib._shapes import broadcasts_to
 from ._lib._namespace import (
     Array,
     common_namespace,
@@ -142,10 +143,7 @@ def check_sdpa_shapes(query: Array, key: Array, value: Array) -> tuple[int, ...]
 
 
 def _check_broadcasts_to(name: str, shape: tuple[int, ...], target: tuple[int, ...], labels: str) -> None:
-    ok = len(shape) <= len(target) and all(
-        s in (1, t) for s, t in zip(reversed(shape), reversed(target))
-    )
-    if not ok:
+    if not broadcasts_to(tuple(shape), target):
         raise ValueError(
             f"{name} must broadcast to the attention scores {labels} = {target}, "
             f"got shape {tuple(shape)}"

@@ -44,6 +44,11 @@ from ._spec import Request
 
 __all__ = ["MultiHeadAttention"]
 
+def _size(name: str, doc: str) -> property:
+    """A read-only attribute of the layer that its configuration holds."""
+    return property(lambda self: getattr(self._config, name), doc=doc)
+
+
 class MultiHeadAttention:
     """Multi-head attention ("Attention Is All You Need") on any array API library.
 
@@ -581,35 +586,13 @@ class MultiHeadAttention:
         """
         return self._config
 
-    @property
-    def embed_dim(self) -> int:
-        """Model width ``E`` of queries and outputs."""
-        return self._config.embed_dim
-
-    @property
-    def num_heads(self) -> int:
-        """Number of query heads ``H``."""
-        return self._config.num_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        """Number of key/value heads (``num_heads`` unless grouped-query)."""
-        return self._config.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        """Features per head, ``embed_dim // num_heads``."""
-        return self._config.head_dim
-
-    @property
-    def kdim(self) -> int:
-        """Feature size of keys."""
-        return self._config.kdim
-
-    @property
-    def vdim(self) -> int:
-        """Feature size of values."""
-        return self._config.vdim
+    embed_dim = _size("embed_dim", "Model width ``E`` of queries and outputs.")
+    num_heads = _size("num_heads", "Number of query heads ``H``.")
+    num_kv_heads = _size("num_kv_heads",
+                         "Number of key/value heads (``num_heads`` unless grouped-query).")
+    head_dim = _size("head_dim", "Features per head, ``embed_dim // num_heads``.")
+    kdim = _size("kdim", "Feature size of keys.")
+    vdim = _size("vdim", "Feature size of values.")
 
     @property
     def xp(self) -> ModuleType:

@@ -13,6 +13,7 @@ from types import ModuleType
 
 from ._backends import writes_in_place
 from ._namespace import Array
+from ._shapes import broadcasts_to
 
 __all__ = [
     "add_into",
@@ -27,8 +28,7 @@ __all__ = [
 
 def _fits(b: Array, s: Array) -> bool:
     """Whether ``b`` broadcasts into ``s``'s shape (so ``s`` can hold the result)."""
-    return b.ndim <= s.ndim and all(
-        bi in (1, si) for bi, si in zip(reversed(b.shape), reversed(s.shape)))
+    return broadcasts_to(tuple(b.shape), tuple(s.shape))
 
 
 def add_into(s: Array, b: Array, /, *, xp: ModuleType, in_place: bool) -> Array:

@@ -9,8 +9,15 @@ from array_api_compat import device as device_of
 
 from ._namespace import Array
 
-__all__ = ["at_least_2d", "broadcast_lead", "broadcast_shapes", "expand", "slice_block",
+__all__ = ["at_least_2d", "broadcast_lead", "broadcasts_to", "broadcast_shapes", "expand", "slice_block",
            "unbroadcast"]
+
+
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts to ``target`` (without
+    growing it: every axis 1 or equal, trailing-aligned, no extra axes)."""
+    return len(shape) <= len(target) and all(
+        s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ import numbers
 from types import ModuleType
 from typing import Any
 
+from .._lib._shapes import broadcasts_to
 from .._lib._namespace import (
     Array,
     common_namespace,
@@ -51,10 +52,7 @@ def _check(x: Array, scale: Array | None, xp: ModuleType | None) -> ModuleType:
                 "mha_xp does not promote dtypes silently: cast scale to x's dtype"
             )
         shape, target = tuple(scale.shape), tuple(x.shape)
-        ok = len(shape) <= len(target) and all(
-            s in (1, t) for s, t in zip(reversed(shape), reversed(target))
-        )
-        if not ok:
+        if not broadcasts_to(shape, target):
             raise ValueError(
                 f"scale must broadcast to x's shape {target} (typically (D,) = "
                 f"({target[-1]},)), got shape {shape}"

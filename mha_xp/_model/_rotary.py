@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from types import ModuleType
 from typing import Any
 
-from .._checks import check_flag
+from .._checks import check_flag, check_rotary_base, check_rotary_dim
+from .._lib._shapes import broadcasts_to
 from .._lib._namespace import (
     Array,
     common_namespace,
@@ -19,16 +18,8 @@ from .._lib._namespace import (
 __all__ = ["apply_rotary"]
 
 
-def _check_base(base: Any) -> float:
-    if isinstance(base, bool) or not isinstance(base, numbers.Real):
-        raise TypeError(f"base must be a positive Python float, got {type(base).__name__} {base!r}")
-    base = float(base)  # drops NumPy scalars, which would up-cast float32 (NEP 50)
-    if not (math.isfinite(base) and base > 0.0):
-        raise ValueError(f"base must be a positive finite number, got {base}")
-    return base
-
-
 def _check_rotary_dim(rotary_dim: Any, features: int) -> int:
+    """The features rotated: all of an even feature axis, or ``rotary_dim``."""
     if rotary_dim is None:
         if features == 0 or features % 2:
             raise ValueError(
@@ -37,16 +28,7 @@ def _check_rotary_dim(rotary_dim: Any, features: int) -> int:
                 f"the first rotary_dim features"
             )
         return features
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
-        raise TypeError(
-            f"rotary_dim must be an even int or None, got {type(rotary_dim).__name__} {rotary_dim!r}"
-        )
-    if not (0 < rotary_dim <= features and rotary_dim % 2 == 0):
-        raise ValueError(
-            f"rotary_dim must be an even int in [2, {features}] (x has {features} features), "
-            f"got {rotary_dim}"
-        )
-    return int(rotary_dim)
+    return check_rotary_dim(rotary_dim, features, of="x's features")
 
 
 def _check_positions(positions: Array, target: tuple[int, ...], xp: ModuleType) -> None:
@@ -55,10 +37,7 @@ def _check_positions(positions: Array, target: tuple[int, ...], xp: ModuleType) 
             f"positions must be an integer array, got dtype {dtype_name(positions.dtype)}"
         )
     shape = tuple(positions.shape)
-    ok = len(shape) <= len(target) and all(
-        s in (1, t) for s, t in zip(reversed(shape), reversed(target))
-    )
-    if not ok:
+    if not broadcasts_to(shape, target):
         raise ValueError(
             f"positions must broadcast to x's shape without the feature axis, {target}, "
             f"got shape {shape}"
@@ -150,7 +129,7 @@ def apply_rotary(
         raise ValueError(
             f"x must have at least 2 dimensions (..., L, D), got shape {tuple(x.shape)}"
         )
-    base = _check_base(base)
+    base = check_rotary_base(base, "base")
     interleaved = check_flag("interleaved", interleaved)
     inverse = check_flag("inverse", inverse)
     lead = tuple(x.shape[:-1])
