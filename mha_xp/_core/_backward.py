@@ -131,10 +131,10 @@ def attention_backward(
                                 in_place=in_place, return_tanh=True)
             p = probabilities(s, (m[..., rows, :], l[..., rows, :]), xp=xp, in_place=in_place)
             dq_j, dk, dv, dbias = _block_grads(
-                p, t, grad_out[..., rows, :], delta[..., rows, :], q_scaled[..., rows, :],
-                key[..., cols, :], value[..., cols, :],
-                dropout_scale(spec, block, rows, cols, dtype=query.dtype, xp=xp, device=dev),
-                spec, xp=xp, in_place=in_place)
+                p, t, dropout_scale(spec, block, rows, cols, dtype=query.dtype, xp=xp, device=dev),
+                (grad_out[..., rows, :], delta[..., rows, :], q_scaled[..., rows, :]),
+                (key[..., cols, :], value[..., cols, :]),
+                None if spec.bias is None else tuple(spec.bias.shape), xp=xp, in_place=in_place)
             bias_cols.append(dbias)
             dq = dq_j if dq is None else dq + dq_j
             grads.dk[jb] = dk if grads.dk[jb] is None else grads.dk[jb] + dk
@@ -148,11 +148,15 @@ def attention_backward(
 
 
 def _block_grads(
-    p: Array, t: Array | None, do: Array, d_i: Array, q: Array, k_j: Array, v_j: Array,
-    drop: Array | None, spec: AttentionSpec, /, *, xp: ModuleType, in_place: bool,
+    p: Array, t: Array | None, drop: Array | None, row_arrays: tuple[Array, Array, Array],
+    col_arrays: tuple[Array, Array], bias_shape: tuple[int, ...] | None, /, *,
+    xp: ModuleType, in_place: bool,
 ) -> tuple[Array, Array, Array, Array | None]:
     """``(dq, dk, dv, dbias)`` of one score block from its probabilities ``p``
-    (and ``t = tanh(s / softcap)``, dropout's ``drop``)."""
+    (and ``t = tanh(s / softcap)``, dropout's factors ``drop``), the rows'
+    ``(dO, rowsum(dO * O), scaled Q)`` and the columns' ``(K, V)``."""
+    do, d_i, q = row_arrays
+    k_j, v_j = col_arrays
     dp = xp.matmul(do, xp.matrix_transpose(v_j))
     if drop is None:
         dv = xp.matmul(xp.matrix_transpose(p), do)
@@ -160,7 +164,7 @@ def _block_grads(
         dv = xp.matmul(xp.matrix_transpose(p * drop), do)
         dp = multiply_into(dp, drop, xp=xp, in_place=in_place)
     ds = gated_difference(dp, d_i, p, xp=xp, in_place=in_place)
-    dbias = None if spec.bias is None else _bias_block(ds, tuple(spec.bias.shape), xp=xp)
+    dbias = None if bias_shape is None else _bias_block(ds, bias_shape, xp=xp)
     if t is not None:  # through the soft-cap: d(c tanh(s / c))/ds = 1 - tanh^2
         ds = ds * (1.0 - t * t)
     dk = xp.matmul(xp.matrix_transpose(ds), q)  # q is already scaled

@@ -90,11 +90,11 @@ def chunked_attention(
         state = _Rows()
         j_start, j_end = key_range(rows.start, rows.stop, S, offset, spec)
         for j0 in range(j_start, j_end, k_block):
-            s = block_scores(query[..., rows, :], key, spec, rows,
-                             slice(j0, min(j0 + k_block, j_end)), offset, xp=xp,
+            cols = slice(j0, min(j0 + k_block, j_end))
+            s = block_scores(query[..., rows, :], key, spec, rows, cols, offset, xp=xp,
                              in_place=in_place)
-            _accumulate(state, s, value, spec, block, rows, slice(j0, min(j0 + k_block, j_end)),
-                        xp=xp, in_place=in_place, sums_in_matmul=sums_in_matmul)
+            drop = dropout_scale(spec, block, rows, cols, dtype=dtype, xp=xp, device=dev)
+            _accumulate(state, s, value[..., cols, :], drop, xp=xp, in_place=in_place)
         rows_lead = lead + (rows.stop - rows.start,)
         if state.m is None:  # every key block lies outside the diagonal band: nothing to attend to
             outs.append(xp.zeros(rows_lead + (Dv,), dtype=dtype, device=dev))
@@ -112,26 +112,24 @@ def chunked_attention(
     return xp.concat(outs, axis=-2), (xp.concat(maxes, axis=-1), xp.concat(sums, axis=-1))
 
 
-def _accumulate(state: _Rows, s: Array, value: Array, spec: AttentionSpec, block: Block,
-                rows: slice, cols: slice, /, *, xp: ModuleType, in_place: bool,
-                sums_in_matmul: bool) -> None:
-    """Fold one score block ``s`` of keys ``cols`` into the rows' state."""
+def _accumulate(state: _Rows, s: Array, v_block: Array, drop: Array | None, /, *,
+                xp: ModuleType, in_place: bool) -> None:
+    """Fold one score block ``s`` into the rows' state, with the block's
+    values ``v_block`` and dropout factors ``drop``. Without dropout the
+    values carry a column of ones, whose product gives the row sums."""
     block_max = xp.max(s, axis=-1, keepdims=True)
     m_new = block_max if state.m is None else xp.maximum(state.m, block_max)
     # A row with nothing allowed yet has max -inf: shift by 0 so exp gives 0.
     shift = row_shift(m_new, xp=xp)
     p = shifted_exp(s, shift, xp=xp, in_place=in_place)
-    if sums_in_matmul:
-        pv = xp.matmul(p, value[..., cols, :])  # (..., rows, Dv + 1): sums last
+    if drop is None:
+        pv = xp.matmul(p, v_block)  # (..., rows, Dv + 1): sums last
         alpha = None if state.m is None else xp.exp(state.m - shift)
         state.acc = pv if state.m is None else alpha * state.acc + pv
         state.m = m_new
         return
     p_sum = xp.sum(p, axis=-1, keepdims=True)  # undropped: the softmax's normaliser
-    drop = dropout_scale(spec, block, rows, cols, dtype=s.dtype, xp=xp, device=device_of(s))
-    if drop is not None:
-        p = multiply_into(p, drop, xp=xp, in_place=in_place)
-    pv = xp.matmul(p, value[..., cols, :])
+    pv = xp.matmul(multiply_into(p, drop, xp=xp, in_place=in_place), v_block)
     if state.m is None:
         state.l, state.acc = p_sum, pv
     else:
