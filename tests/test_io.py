@@ -8,11 +8,14 @@ was.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.util
 import io
 import json
 import os
 import pickle
+import stat
 import sys
 import zipfile
 from pathlib import Path
@@ -202,12 +205,16 @@ class TestSaveErrors:
         assert not os.listdir(tmp_path)
 
     @needs_safetensors
-    def test_reading_safetensors_without_the_package(self, layer, tmp_path, monkeypatch):
+    def test_reading_safetensors_needs_no_package(self, layer, tmp_path, monkeypatch):
+        """load_weights parses safetensors itself (the package's NumPy reader
+        cannot read bfloat16), so only writing needs the package."""
         path = saved(tmp_path, layer, "safetensors")
         for name in ("safetensors", "safetensors.numpy"):
             monkeypatch.setitem(sys.modules, name, None)
-        with pytest.raises(ImportError, match="pip install safetensors"):
-            mha_xp.load_weights(path)
+        loaded = mha_xp.load_weights(path)
+        assert repr(loaded) == repr(layer)
+        for n, w in layer.state_dict().items():
+            np.testing.assert_array_equal(loaded.state_dict()[n], w)
 
     def test_failed_save_keeps_the_old_file(self, layer, tmp_path, monkeypatch):
         path = saved(tmp_path, layer)
@@ -222,6 +229,229 @@ class TestSaveErrors:
             mha_xp.save_weights(MHA(8, 4, seed=1), path)
         assert path.read_bytes() == before
         assert sorted(os.listdir(tmp_path)) == [path.name]
+
+
+needs_posix = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes and symlinks")
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def hidden_temporaries(*directories: Path) -> list[str]:
+    return [n for d in directories for n in os.listdir(d) if n.endswith(".tmp")]
+
+
+class TestSaveFileSystem:
+    """save_weights behaves as np.savez users expect of the file system, and
+    replaces the target atomically."""
+
+    @needs_posix
+    @pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+    def test_new_file_mode_follows_the_umask(self, layer, tmp_path, mask, mode):
+        with umask(mask):
+            path = saved(tmp_path, layer)
+            np.savez(tmp_path / "numpy.npz", x=np.zeros(1))
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+        assert stat.S_IMODE((tmp_path / "numpy.npz").stat().st_mode) == mode  # as np.savez
+
+    @needs_posix
+    @pytest.mark.parametrize("mode", [0o644, 0o640, 0o600, 0o666])
+    def test_replaced_file_keeps_its_mode(self, layer, tmp_path, mode):
+        path = saved(tmp_path, layer)
+        path.chmod(mode)
+        with umask(0o077):
+            mha_xp.save_weights(MHA(8, 4, seed=1), path)
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+        assert mha_xp.load_weights(path).num_heads == 4
+
+    @needs_posix
+    def test_read_only_file_is_not_replaced(self, layer, tmp_path, monkeypatch):
+        path = saved(tmp_path, layer)
+        before = path.read_bytes()
+        path.chmod(0o444)
+        if os.geteuid() == 0:  # root may write anything: pretend not to be root
+            monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+        with pytest.raises(PermissionError, match="read-only"):
+            mha_xp.save_weights(MHA(8, 4, seed=1), path)
+        assert path.read_bytes() == before and not hidden_temporaries(tmp_path)
+
+    @needs_posix
+    def test_symlink_is_followed(self, layer, tmp_path):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        target = saved(tmp_path / "b", layer)
+        target.chmod(0o640)
+        link = tmp_path / "a" / "link.npz"
+        link.symlink_to(target)
+        mha_xp.save_weights(MHA(8, 4, seed=1), link)
+        assert link.is_symlink() and link.resolve() == target.resolve()  # the link is kept
+        assert mha_xp.load_weights(target).num_heads == 4  # and its target written
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+        assert sorted(os.listdir(tmp_path / "a")) == ["link.npz"]
+        assert sorted(os.listdir(tmp_path / "b")) == [target.name]
+
+    @needs_posix
+    def test_dangling_symlink_creates_its_target(self, layer, tmp_path):
+        link = tmp_path / "link.npz"
+        link.symlink_to(tmp_path / "real.npz")
+        mha_xp.save_weights(layer, link)
+        assert link.is_symlink() and (tmp_path / "real.npz").is_file()
+
+    @needs_posix
+    def test_symlink_cycle(self, layer, tmp_path):
+        (tmp_path / "x.npz").symlink_to(tmp_path / "y.npz")
+        (tmp_path / "y.npz").symlink_to(tmp_path / "x.npz")
+        with pytest.raises(OSError) as info:
+            mha_xp.save_weights(layer, tmp_path / "x.npz")
+        assert info.value.errno == errno.ELOOP
+        assert (tmp_path / "x.npz").is_symlink() and (tmp_path / "y.npz").is_symlink()
+
+    @needs_posix
+    def test_directory_is_synced_after_the_rename(self, layer, tmp_path, monkeypatch):
+        events = []
+        fsync, replace = os.fsync, os.replace
+
+        def record_fsync(fd):
+            events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+            fsync(fd)
+
+        def record_replace(src, dst):
+            events.append("replace")
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "fsync", record_fsync)
+        monkeypatch.setattr(os, "replace", record_replace)
+        saved(tmp_path, layer)
+        assert events == ["fsync file", "replace", "fsync dir"]
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_temporary_file_is_hidden_beside_the_target(self, layer, tmp_path, monkeypatch, fmt):
+        seen = []
+        replace = os.replace
+        monkeypatch.setattr(os, "replace",
+                            lambda src, dst: seen.append((src, dst)) or replace(src, dst))
+        path = saved(tmp_path, layer, fmt)
+        (src, dst), = seen
+        assert os.path.dirname(src) == str(tmp_path) and dst == str(path)
+        name = os.path.basename(src)
+        assert name.startswith(f".{path.name}.") and name.endswith(".tmp"), name
+
+    @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit, OSError])
+    def test_interrupted_save_removes_its_temporary_file(self, layer, tmp_path, monkeypatch,
+                                                         interrupt):
+        path = saved(tmp_path, layer)
+        before = path.read_bytes()
+
+        def broken(file, **arrays):
+            file.write(b"PK\x03\x04 half an archive")
+            raise interrupt("stopped")
+
+        monkeypatch.setattr(np, "savez", broken)
+        with pytest.raises(interrupt):
+            mha_xp.save_weights(MHA(8, 4, seed=1), path)
+        assert path.read_bytes() == before and not hidden_temporaries(tmp_path)
+
+    @pytest.mark.parametrize("name", [".npz", ".safetensors", ".NPZ"])
+    def test_a_name_is_needed_before_the_suffix(self, layer, tmp_path, name):
+        with pytest.raises(ValueError, match="needs a file name before its") as info:
+            mha_xp.save_weights(layer, tmp_path / name)
+        assert "weights" + name in str(info.value)  # an example of a name that works
+        assert not os.listdir(tmp_path)
+
+    def test_a_directory_is_not_a_file_name(self, layer, tmp_path):
+        with pytest.raises(ValueError, match="path must name a file, got the directory"):
+            mha_xp.save_weights(layer, str(tmp_path) + os.sep)
+
+
+def bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """The bfloat16 nearest below ``a`` (float32's upper half), as uint16."""
+    return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def write_bf16_safetensors(path: Path, arrays: dict, metadata: dict) -> Path:
+    header, data = {}, b""
+    for name, a in arrays.items():
+        raw = bfloat16_bits(a).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(a.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header | {"__metadata__": metadata}).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+class TestBfloat16:
+    """safetensors BF16 weights (most Hugging Face checkpoints) load: as
+    float32 on NumPy (exactly), as bfloat16 where the namespace has it."""
+
+    def test_numpy_gets_float32_exactly(self, layer, tmp_path):
+        arrays = host(layer)
+        path = write_bf16_safetensors(tmp_path / "bf16.safetensors", arrays, {"num_heads": "2"})
+        loaded = mha_xp.load_weights(path)
+        assert loaded.xp is layer.xp and loaded.dtype == np.float32
+        for n, a in arrays.items():
+            want = (bfloat16_bits(a).astype(np.uint32) << 16).view(np.float32)
+            np.testing.assert_array_equal(loaded.state_dict()[n], want)
+
+    def test_torch_keeps_bfloat16(self, tmp_path):
+        torch = pytest.importorskip("torch")
+        pytest.importorskip("safetensors")
+        from safetensors.torch import save_file
+
+        module = torch.nn.MultiheadAttention(8, 2, batch_first=True).to(torch.bfloat16)
+        path = tmp_path / "hf.safetensors"
+        save_file(module.state_dict(), path, metadata={"num_heads": "2"})
+        on_numpy = mha_xp.load_weights(path)
+        on_torch = mha_xp.load_weights(path, xp=torch)
+        assert on_numpy.dtype == np.float32 and on_torch.dtype == torch.bfloat16
+        for n, w in module.state_dict().items():
+            assert torch.equal(on_torch.state_dict()[n], w)  # bit for bit
+            np.testing.assert_array_equal(on_numpy.state_dict()[n], w.float().numpy())
+        x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+        assert on_torch(x).dtype == torch.bfloat16
+
+    def test_jax_keeps_bfloat16(self, layer, tmp_path):
+        jnp = pytest.importorskip("jax.numpy")
+        path = write_bf16_safetensors(tmp_path / "bf16.safetensors", host(layer),
+                                      {"num_heads": "2"})
+        loaded = mha_xp.load_weights(path, xp=jnp)
+        assert loaded.dtype == jnp.bfloat16
+        want = mha_xp.load_weights(path)
+        for n, w in loaded.state_dict().items():
+            np.testing.assert_array_equal(np.asarray(w, dtype=np.float32), want.state_dict()[n])
+
+    def test_other_namespaces_get_float32(self, layer, tmp_path):
+        xps = pytest.importorskip("array_api_strict")
+        path = write_bf16_safetensors(tmp_path / "bf16.safetensors", host(layer),
+                                      {"num_heads": "2"})
+        assert mha_xp.load_weights(path, xp=xps).dtype == xps.float32
+
+    def test_mixed_with_float32_is_refused(self, layer, tmp_path):
+        arrays = host(layer)
+        path = write_bf16_safetensors(tmp_path / "bf16.safetensors", arrays, {"num_heads": "2"})
+        # Re-write one entry as F32 in place of BF16: both read as float32,
+        # so only the file's own dtypes can tell.
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        data = b""
+        for name, a in arrays.items():
+            blob = (a.astype("<f4") if name == "out_proj.bias" else bfloat16_bits(a)).tobytes()
+            header[name].update(dtype="F32" if name == "out_proj.bias" else "BF16",
+                                data_offsets=[len(data), len(data) + len(blob)])
+            data += blob
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+        assert_bad_file(path, "out_proj.bias has dtype float32", "bfloat16",
+                        "all weights must share one dtype")
 
 
 class TestHostileFiles:
@@ -258,7 +488,7 @@ class TestHostileFiles:
         torch.save({"payload": _Payload(), **{n: torch.asarray(w) for n, w in host(layer).items()}},
                    path)
         assert path.read_bytes()[:2] == b"PK"  # a zip archive, like .npz
-        assert_bad_file(path, "is not a NumPy array")
+        assert_bad_file(path, "is a torch.save archive", "never unpickles")
 
     def test_foreign_zip(self, tmp_path):
         path = tmp_path / "weights.npz"

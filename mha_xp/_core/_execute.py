@@ -1,10 +1,12 @@
-"""Running a plan on eager arrays: the compute dtype, then the executor the
-planner chose. Executors share one interface, ``run(query, key, value, spec,
-block, plan, *, xp) -> (out, weights, stats)``, in the compute dtype."""
+"""Running a plan on eager arrays: the compute dtype, finite stand-ins for
+non-finite inputs (:mod:`._finite`), then the executor the planner chose.
+Executors share one interface, ``run(query, key, value, spec, block, plan,
+*, xp) -> (out, weights, stats)``, in the compute dtype."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -12,6 +14,7 @@ from .._lib._namespace import Array, compute_dtype
 from .._lib._shapes import at_least_2d
 from .._spec import AttentionSpec, Block, Plan
 from . import _chunked, _dense
+from ._finite import finite_part, poison_rows, with_flag_column
 
 __all__ = ["EXECUTORS", "run", "work_spec"]
 
@@ -36,13 +39,26 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
     """The plan's executor on eager arrays. 16-bit inputs are computed in
     float32 (the score matmul, the softmax sums and the weighted sum of
     values accumulate in float32); ``out`` and ``weights`` are cast back,
-    ``stats`` stay float32."""
+    ``stats`` stay float32.
+
+    The executor sees the inputs with their non-finite entries replaced by
+    0, and values with one more column marking the keys whose key or value
+    held any; the rows that gave those keys weight (or whose query held
+    any) come back poisoned (:mod:`._finite`)."""
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     if work != dtype:
         query, key, value = (xp.astype(t, work) for t in (query, key, value))
+    query, query_bad = finite_part(query, xp=xp)
+    key, key_bad = finite_part(key, xp=xp)
+    value, value_bad = finite_part(value, xp=xp)
+    value = with_flag_column(value, xp.logical_or(key_bad, value_bad), xp=xp)
     out, weights, stats = EXECUTORS[plan.executor](
-        query, key, value, work_spec(spec, work, xp), block, plan, xp=xp)
+        query, key, value, work_spec(spec, work, xp), block,
+        plan if plan.return_stats else replace(plan, return_stats=True), xp=xp)
+    out, weights, stats = poison_rows(out, weights, stats, query_bad, xp=xp)
+    if not plan.return_stats:
+        stats = None
     if work != dtype:
         out = xp.astype(out, dtype)
         weights = None if weights is None else xp.astype(weights, dtype)

@@ -10,6 +10,7 @@ from typing import Any
 from array_api_compat import device as device_of
 
 from .._lib._namespace import Array
+from .._lib._shapes import at_least_2d
 from ._params import LayerConfig
 
 __all__ = ["append_extras", "extras_backward", "in_biases", "in_weights", "linear", "merge_heads", "pad_last",
@@ -129,8 +130,7 @@ def pad_last(x: Array, S: int, n: int, fill: Any, xp: ModuleType) -> Array:
     """A mask or bias over ``S`` keys (its last axis ``S`` or 1) extended by
     ``n`` keys that take ``fill`` (torch pads ``attn_mask`` and
     ``key_padding_mask`` the same way for ``add_bias_kv``/``add_zero_attn``)."""
-    if x.ndim < 2:
-        x = xp.reshape(x, (1,) * (2 - x.ndim) + tuple(x.shape))
+    x = at_least_2d(x, xp)
     lead = tuple(x.shape[:-1])
     x = xp.broadcast_to(x, lead + (S,))
     pad = xp.full(lead + (n,), fill, dtype=x.dtype, device=device_of(x))
