@@ -32,6 +32,7 @@ from ._checks import (
 )
 from ._core._backward import Saved
 from ._core._dispatch import attend_backward as core_backward
+from ._core._finite import underflow_ignored
 from ._core._positions import standard_alibi_slopes
 from ._lib._backends import host_readable
 from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
@@ -111,11 +112,11 @@ def _packed(xp: ModuleType, dev: Any, L: int, S: int, cu_seqlens_q: Any,
             f"cu_seqlens_k defaults to cu_seqlens_q, which needs as many keys as queries, "
             f"got L = {L} and S = {S}: pass cu_seqlens_k"
         )
-    check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable, host)
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_q, L, xp, readable, host)
     cu_k = cu_q
     if not same:
         cu_k, readable, host = _index_array("cu_seqlens_k", cu_seqlens_k, xp, dev)
-        check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable, host)
+        cu_k = check_cu_seqlens("cu_seqlens_k", cu_k, S, xp, readable, host)
         if cu_k.shape[0] != cu_q.shape[0]:
             raise ValueError(
                 f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got "
@@ -181,7 +182,8 @@ def _validate(
     neg_slopes = _neg_slopes(xp, dev, dtype, scores_shape, alibi_slopes)
     packed = _packed(xp, dev, scores_shape[-2], scores_shape[-1], cu_seqlens_q, cu_seqlens_k)
     spec = AttentionSpec(
-        scale=check_scale(scale, query.shape[-1]), mask=mask, bias=bias,
+        scale=check_scale(scale, query.shape[-1], compute_dtype(dtype, xp), xp),
+        mask=mask, bias=bias,
         is_causal=check_flag("is_causal", is_causal), window=window, softcap=softcap,
         neg_slopes=neg_slopes, dropout=check_dropout(dropout_p, seed), **packed)
     return xp, spec
@@ -236,7 +238,9 @@ def scaled_dot_product_attention(
         ``j <= i + S - L`` (FlashAttention's convention); for ``L == S`` the
         usual lower triangle. Combined with ``mask`` by logical AND.
     scale : float, optional
-        Positive finite factor on ``Q K^T``; default ``1 / sqrt(D)``.
+        Positive finite factor on ``Q K^T``, at most the largest finite
+        value of the dtype attention is computed in (float32 for 16-bit
+        inputs); default ``1 / sqrt(D)``.
     return_weights : bool, default False
         Also return the attention weights.
     chunk_size : int or (int, int), optional
@@ -276,10 +280,13 @@ def scaled_dot_product_attention(
         Packed variable-length sequences (FlashAttention's varlen API): the
         queries on axis -2 are ``N`` sequences one after the other, sequence
         ``n`` taking positions ``cu_seqlens_q[n]`` to ``cu_seqlens_q[n+1]``;
-        shape ``(N + 1,)``, starting at 0, non-decreasing, ending at ``L``.
-        No query attends to a key of another sequence, and ``is_causal``,
-        ``window`` and ALiBi are aligned bottom-right within each sequence:
-        the result equals attention over each sequence on its own (a query
+        shape ``(N + 1,)``, starting at 0, non-decreasing, ending at ``L``;
+        any integer dtype, signed or unsigned (cast to the namespace's
+        default integer dtype first, so that the differences of query and
+        key boundaries cannot wrap around). No query attends to a key of
+        another sequence, and ``is_causal``, ``window`` and ALiBi are
+        aligned bottom-right within each sequence: the result equals
+        attention over each sequence on its own (a query
         whose sequence has no key gets zeros). The sequence of every
         position is found on the device (``searchsorted``). The values are
         validated for NumPy, array-api-strict and CPU torch arrays; on GPU,
@@ -334,11 +341,23 @@ def scaled_dot_product_attention(
         Arrays on different devices, wrong ranks, mismatched shapes (query
         heads that are not a multiple of the key/value heads), a mask or
         bias that does not broadcast, a ``scale`` or ``softcap`` that is not
-        positive and finite, a bad ``chunk_size`` or ``memory_budget``,
+        positive and finite, a ``scale`` beyond the largest finite value of
+        the compute dtype (it would make every score infinite: the message
+        names that value), a bad ``chunk_size`` or ``memory_budget``,
         ``alibi_slopes`` of a wrong shape, ``cu_seqlens_q``/``cu_seqlens_k``
         that are not cumulative lengths of the packed axis, ``dropout_p``
         outside ``[0, 1]``, ``dropout_p > 0`` without a ``seed``, a ``seed``
         outside ``[0, 2**64)``.
+    MemoryError
+        With ``return_weights=True``, before anything is computed, when the
+        weights cannot fit in the host memory available: for NumPy,
+        array-api-strict, torch on the CPU and JAX on a CPU device, and score
+        tensors over 16 MiB, the bytes the call holds at its peak (on the
+        chunked path about twice the weights, which it assembles block by
+        block) against the least of the system's available memory, the
+        process's cgroup limit (less its usage) and its address-space limit
+        (``RLIMIT_AS``). Under ``jax.jit`` the check runs when the function
+        is traced; on GPUs and Dask there is none.
 
     See Also
     --------
@@ -355,6 +374,18 @@ def scaled_dot_product_attention(
     chunked path recomputes the weights block by block from the log-sum-exp,
     so the output is the same whether or not weights are asked for. 16-bit
     inputs are computed in float32 and the results cast back.
+
+    A key hidden from a query (by ``mask``, causal masking, ``window``,
+    packed sequences or a ``-inf`` bias) never influences that query,
+    whatever its key and value hold, NaN and infinities included, on every
+    path: every path computes on copies whose non-finite entries are zero
+    (finite entries keep their bits). A query that gives a non-zero weight
+    to a key or value holding NaN or ±Inf, or whose own query holds one
+    while it sees a key, gets NaN in its whole output row (and weights and
+    log-sum-exp), rather than IEEE's mix of NaN and ±Inf in some features.
+    Valid input raises no floating-point warning, also under
+    ``np.errstate(all="raise")``; NumPy's underflow flag is ignored inside
+    the call (underflow to a subnormal or zero is correctly rounded).
 
     Examples
     --------
@@ -426,7 +457,9 @@ def attention_with_lse(
     lse : array, shape (..., H, L)
         ``log(sum_j exp(s_ij))`` over the allowed keys, with ``s`` the scaled,
         biased scores; ``+inf`` for a row with nothing to attend to (as in
-        FlashAttention, so that ``exp(s - lse)`` is 0 there). float32 for
+        FlashAttention, so that ``exp(s - lse)`` is 0 there); NaN for a row
+        whose output is NaN (one that gives weight to a key or value holding
+        NaN or ±Inf, see :func:`scaled_dot_product_attention`). float32 for
         16-bit inputs, the inputs' dtype otherwise. With dropout it is still
         the softmax's, before dropout (``P = exp(s - lse)``; dropout
         rescales the kept weights by ``1 / (1 - dropout_p)`` rather than
@@ -438,6 +471,11 @@ def attention_with_lse(
     ------
     TypeError, ValueError
         As :func:`scaled_dot_product_attention`.
+    MemoryError
+        Never from mha_xp's memory guard, which checks only the weights of
+        ``return_weights=True`` (the planner keeps the dense path within a
+        quarter of the host memory available); only the array library's
+        own, when one of its allocations fails.
 
     Examples
     --------
@@ -463,15 +501,19 @@ def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple
 
     ``lse = logaddexp(lse1, lse2)`` and
     ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2``; a row whose
-    ``lse`` is ``+inf`` on one side (no key there) takes the other side as it
-    is, and stays ``out = 0, lse = +inf`` if both sides are empty.
+    ``lse`` is infinite on one side (no key there) takes the other side as
+    it is, whatever the empty side's output holds, and gets ``out = 0,
+    lse = +inf`` if both sides are empty. An empty side may be marked
+    ``+inf``, as :func:`attention_with_lse` and FlashAttention write it, or
+    ``-inf``, the log of an empty sum, as other libraries do. A NaN ``lse``
+    gives NaN.
 
     Parameters
     ----------
     out1, out2 : array, shape (..., L, Dv)
         Outputs of :func:`attention_with_lse` over the two key sets.
     lse1, lse2 : array, shape (..., L)
-        Their log-sum-exps.
+        Their log-sum-exps; ``+inf`` or ``-inf`` for a row with no key.
 
     Returns
     -------
@@ -520,10 +562,12 @@ def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple
                 f"got {tuple(lse.shape)}"
             )
     work = lse1.dtype
-    if out1.dtype != work:  # 16-bit outputs come with float32 log-sum-exps
-        out, lse = merge_partials(xp.astype(out1, work), lse1, xp.astype(out2, work), lse2, xp=xp)
-        return xp.astype(out, out1.dtype), lse
-    return merge_partials(out1, lse1, out2, lse2, xp=xp)
+    with underflow_ignored(xp):  # as attention itself (mha_xp._core._finite)
+        if out1.dtype != work:  # 16-bit outputs come with float32 log-sum-exps
+            out, lse = merge_partials(xp.astype(out1, work), lse1, xp.astype(out2, work), lse2,
+                                      xp=xp)
+            return xp.astype(out, out1.dtype), lse
+        return merge_partials(out1, lse1, out2, lse2, xp=xp)
 
 
 def attention_vjp(
@@ -576,7 +620,11 @@ def attention_vjp(
         a dict with the gradients ``"query"``, ``"key"``, ``"value"`` (and
         ``"bias"`` when a bias was given), each with its input's shape and
         dtype. Masked and padded positions, and rows with nothing to attend
-        to, get zero gradients. With grouped-query attention the key and
+        to, get zero gradients and pass none on, whatever the masked keys
+        and values hold (NaN and infinities included). A row whose output
+        or ``grad_out`` is not finite gets NaN gradients for its query and
+        gives NaN to the keys and values it attends to (and to the bias
+        there), and to nothing else. With grouped-query attention the key and
         value gradients sum over the query heads of each group; with
         ``softcap`` they include the cap's derivative ``1 - tanh(s / c)**2``;
         ``alibi_slopes``, ``cu_seqlens_q`` and ``cu_seqlens_k`` get none.
@@ -586,6 +634,12 @@ def attention_vjp(
     TypeError, ValueError
         As :func:`scaled_dot_product_attention`; ``backward`` raises them for
         a ``grad_out`` of the wrong library, device, dtype or shape.
+    MemoryError
+        Never from mha_xp's memory guard, which checks only the weights of
+        ``return_weights=True`` (the forward keeps the per-row statistics,
+        ``backward`` works in blocks, and the planner keeps the dense path
+        within a quarter of the host memory available); only the array
+        library's own, when one of its allocations fails.
 
     See Also
     --------

@@ -21,7 +21,9 @@ from ._lib._namespace import (
 from ._spec import LayerCall
 
 __all__ = [
+    "check_cache_arrays",
     "check_cache_call",
+    "check_cache_owner",
     "check_layer_call",
     "check_training",
     "check_weights_fit",
@@ -46,6 +48,7 @@ __all__ = [
     "check_seed",
     "check_softcap",
     "check_window",
+    "format_bytes",
 ]
 
 MASK_MEANING = "True means 'may attend'"
@@ -72,8 +75,13 @@ def check_chunk_size(chunk_size: Any) -> tuple[int, int] | None:
     return (check_positive_int("chunk_size", pair[0]), check_positive_int("chunk_size", pair[1]))
 
 
-def check_scale(scale: Any, head_dim: int) -> float:
-    """Return the softmax scale as a Python float (default ``1/sqrt(head_dim)``)."""
+def check_scale(scale: Any, head_dim: int, dtype: Any = None,
+                xp: ModuleType | None = None) -> float:
+    """Return the softmax scale as a Python float (default ``1/sqrt(head_dim)``).
+
+    With ``dtype`` (the compute dtype) and its namespace ``xp``, a scale
+    beyond the dtype's largest finite value is refused: it would round to
+    ``inf`` there and turn every score into ``inf`` or NaN."""
     if scale is None:
         if head_dim == 0:  # 1/sqrt(0): refuse rather than divide by zero
             raise ValueError(
@@ -88,6 +96,15 @@ def check_scale(scale: Any, head_dim: int) -> float:
     scale = float(scale)  # also drops NumPy scalars, which would up-cast float32 (NEP 50)
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if dtype is not None and xp is not None:
+        largest = float(xp.finfo(dtype).max)
+        if scale > largest:
+            raise ValueError(
+                f"scale={scale:g} overflows {dtype_name(dtype)}, the dtype attention is "
+                f"computed in, whose largest finite value is {largest:g}: every scaled score "
+                f"would be inf or NaN. Pass a scale below {largest:g} (fold the rest into "
+                f"the queries or keys), or compute in float64"
+            )
     return scale
 
 
@@ -443,11 +460,18 @@ def check_alibi_slopes(slopes: Any, dtype: Any, target: tuple[int, ...], xp: Mod
 
 
 def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
-                     check_values: bool, host: Any = None) -> None:
+                     check_values: bool, host: Any = None) -> Array:
     """Cumulative sequence lengths: 1-d integer ``(N + 1,)``, from 0 to ``length``,
     non-decreasing. The values are read only when ``check_values`` (host
     arrays: reading them costs no device synchronisation or computation), from
-    ``host`` (the Python ints the array was made from) when given."""
+    ``host`` (the Python ints the array was made from) when given.
+
+    Returns ``cu`` in the namespace's default integer dtype (int64; int32
+    where that is the default, as in JAX without x64): the differences of
+    query and key boundaries taken from it are signed, and unsigned dtypes
+    would wrap around (torch has no comparisons for uint16 to uint64 either)."""
+    from array_api_compat import device as device_of
+
     if xp.isdtype(cu.dtype, "bool") or not xp.isdtype(cu.dtype, "integral"):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype_name(cu.dtype)}")
     if cu.ndim != 1 or cu.shape[0] < 2:
@@ -455,8 +479,11 @@ def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
             f"{name} must be 1-d of shape (N + 1,) with N >= 1 sequences, got shape "
             f"{tuple(cu.shape)}"
         )
+    index = xp.arange(1, device=device_of(cu)).dtype
+    if cu.dtype != index:
+        cu = xp.astype(cu, index)
     if not check_values:
-        return
+        return cu
     if host is not None:
         first, last = int(host[0]), int(host[-1])
         increasing = all(a <= b for a, b in zip(host[:-1], host[1:]))
@@ -471,21 +498,28 @@ def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
         )
     if not increasing:
         raise ValueError(f"{name} must be non-decreasing (cumulative lengths)")
+    return cu
 
 
-def check_weights_fit(nbytes: int, available: int | None, shape: tuple[int, ...],
-                      work: Any) -> None:
-    """The memory guard: attention weights of ``nbytes`` that cannot fit in
-    the memory ``available`` (None: unknown) are refused up front, rather
-    than by the operating system's OOM killer."""
-    if available is not None and nbytes > available:
-        raise MemoryError(
-            f"return_weights=True needs the {shape} attention weights, "
-            f"{nbytes / 2**30:.1f} GiB in {dtype_name(work)}, but only "
-            f"{available / 2**30:.1f} GiB of memory is available; call without "
-            f"return_weights (attention itself takes the chunked path, whose memory "
-            f"is linear in L and S)"
-        )
+def check_weights_fit(peak: int, available: int | None, shape: tuple[int, ...],
+                      work: Any, itemsize: int) -> None:
+    """The memory guard: a call whose attention weights (``shape``, computed
+    in ``work``, of ``itemsize`` bytes an entry) need ``peak`` bytes at their
+    peak, more than the memory ``available`` (None: unknown), is refused up
+    front, rather than by the operating system's OOM killer."""
+    if available is None or peak <= available:
+        return
+    weights = math.prod(shape) * itemsize
+    at_peak = (f" ({format_bytes(peak)} at the peak, while they are assembled block by block)"
+               if peak > weights else "")
+    raise MemoryError(
+        f"return_weights=True needs the {shape} attention weights, "
+        f"{format_bytes(weights)} in {dtype_name(work)}{at_peak}, but only "
+        f"{format_bytes(available)} of memory is available (the least of the system's, "
+        f"the cgroup's and the address-space limit); call without return_weights "
+        f"(attention itself takes the chunked path, whose memory is linear in L and S), "
+        f"or ask for the weights of fewer queries or heads at a time"
+    )
 
 
 def _layer_inputs(query: Array, key: Array | None, value: Array | None, *, xp: ModuleType,
@@ -623,3 +657,77 @@ def check_cache_call(cache: Any, call: LayerCall, *, is_causal: bool, cross: boo
                          f"{cache.max_length} positions: {L} more do not fit; make the "
                          f"cache with layer.init_cache(batch_size, max_length) for the "
                          f"longest sequence")
+
+
+def format_bytes(nbytes: int) -> str:
+    """A size for a message, with three significant digits: ``"512 bytes"``,
+    ``"25.0 KiB"``, ``"1.50 GiB"``."""
+    if nbytes < 1024:
+        return f"{nbytes} bytes"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    digits = 0 if value >= 100 else 1 if value >= 10 else 2
+    return f"{value:.{digits}f} {unit}"
+
+
+_CACHE_FIX = "make one with layer.init_cache(batch_size, max_length)"
+
+
+def check_cache_arrays(key: Any, value: Any, length: Any) -> Array:
+    """A :class:`KVCache`'s fields: key and value arrays of one library,
+    device and real floating dtype, 4-D of one shape; ``length`` a 0-d signed
+    integer array of theirs, or a Python int (returned as such an array), in
+    ``[0, max_length]`` where its value can be read for free."""
+    arrays = {"cache.key": key, "cache.value": value}
+    given_int = isinstance(length, numbers.Integral) and not isinstance(length, bool)
+    if not given_int:
+        if isinstance(length, bool) or not hasattr(length, "shape"):
+            raise TypeError(f"cache.length must be a 0-d integer array or an int, got "
+                            f"{type(length).__name__} {length!r}; {_CACHE_FIX}")
+        arrays["cache.length"] = length
+    xp, dev = common_namespace(**arrays)
+    for name, a in (("cache.key", key), ("cache.value", value)):
+        require_real_floating(name, a, xp)
+        if a.ndim != 4:
+            raise ValueError(f"{name} must be 4-D (B, num_kv_heads, max_length, head_dim), "
+                             f"got shape {tuple(a.shape)}; {_CACHE_FIX}")
+    if key.dtype != value.dtype:
+        raise TypeError(f"cache.key has dtype {dtype_name(key.dtype)} but cache.value has "
+                        f"{dtype_name(value.dtype)}; pass both in one dtype")
+    if tuple(key.shape) != tuple(value.shape):
+        raise ValueError(f"cache.key and cache.value must have one shape, got "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")
+    if given_int:
+        _check_cache_length(int(length), key.shape[-2])
+        return xp.asarray(int(length), dtype=xp.arange(1, device=dev).dtype, device=dev)
+    if length.ndim != 0 or not xp.isdtype(length.dtype, "signed integer"):
+        raise TypeError(f"cache.length must be a 0-d signed integer array (or an int), got "
+                        f"shape {tuple(length.shape)} and dtype {dtype_name(length.dtype)}")
+    # Read only where it is free (KVCache documents the rest).
+    if host_readable(length):
+        _check_cache_length(int(length), key.shape[-2])
+    return length
+
+
+def _check_cache_length(n: int, max_length: Any) -> None:
+    if n < 0 or (isinstance(max_length, numbers.Integral) and n > max_length):
+        raise ValueError(f"cache.length must be in [0, max_length] = [0, {max_length}] "
+                         f"(the positions filled), got {n}")
+
+
+def check_cache_owner(cache: Any, owner: Any, *, xp: ModuleType, device: Any) -> None:
+    """A cache passed to a layer: in its namespace and on its device, and made
+    by that layer's ``init_cache`` (or by hand: ``cache.owner`` None)."""
+    common_namespace((xp, device, f"{_CACHE_FIX} of this layer"), **{"cache.key": cache.key})
+    if cache.owner is not None and cache.owner is not owner:
+        raise ValueError(
+            "cache belongs to another layer (its init_cache made it, or the cache was "
+            "unpickled): it holds keys and values projected with that layer's weights; "
+            "make this layer's with layer.init_cache(batch_size, max_length) "
+            "(layer.to(...) and from_state_dict(...) make new layers, whose caches start "
+            "afresh), or rebuild it by hand, KVCache(cache.key, cache.value, cache.length), "
+            "to use it on purpose"
+        )

@@ -11,6 +11,7 @@ from array_api_compat import array_namespace, device as device_of, is_array_api_
 
 from ._checks import (
     check_cache_call,
+    check_cache_owner,
     check_dtype,
     check_flag,
     check_grad,
@@ -26,7 +27,7 @@ from ._lib._namespace import (
     lib_name,
     normalize_namespace,
 )
-from ._model._cache import KVCache
+from ._model._cache import CacheOwner, KVCache
 from ._model._forward import LayerState, layer_backward, layer_forward
 from ._model._params import (
     LayerConfig,
@@ -237,6 +238,9 @@ class MultiHeadAttention:
         order = param_shapes(config, packed="in_proj_weight" in params)
         self._params = {name: params[name] for name in order}
         self._xp, self._config = xp, config
+        # What this layer's caches carry: a layer accepts only its own (and
+        # caches made by hand), since a cache holds keys projected with its weights.
+        self._cache_owner = CacheOwner()
 
     @classmethod
     def _from_params(
@@ -547,7 +551,9 @@ class MultiHeadAttention:
         MultiHeadAttention
             A new layer; this one is unchanged. Weights that move to another
             library are copied; weights that need no change are shared (mha_xp
-            never modifies weights in place).
+            never modifies weights in place). Caches of this layer do not
+            carry over: make the new layer's own with :meth:`init_cache` (see
+            :class:`KVCache` to carry one over by hand).
 
         Examples
         --------
@@ -714,10 +720,24 @@ class MultiHeadAttention:
         ------
         TypeError
             Inputs from another library than the layer's, of another dtype,
-            not floating; a non-boolean mask.
+            not floating; a non-boolean mask; a ``cache`` that is not a
+            :class:`KVCache`, or of another library or dtype.
         ValueError
             Inputs on another device; wrong ranks or sizes; ``training=True``
-            with ``dropout > 0`` and no ``dropout_seed``, or with a ``cache``.
+            with ``dropout > 0`` and no ``dropout_seed``, or with a ``cache``;
+            a ``cache`` that another layer made (see :class:`KVCache`), on
+            another device, of the wrong shape, or without room for the query
+            (where its length can be read for free).
+        MemoryError
+            With ``return_weights=True``, before anything is computed, when
+            the weights cannot fit in the host memory available: NumPy,
+            array-api-strict, torch on the CPU and JAX on a CPU device, for
+            score tensors over 16 MiB, against the least of the system's
+            available memory, the process's cgroup limit and its
+            address-space limit (``RLIMIT_AS``). The chunked path holds about
+            twice the weights while it assembles them, and that is what is
+            compared. Under ``jax.jit`` the check runs when the function is
+            traced.
         """
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         return_weights = check_flag("return_weights", return_weights)
@@ -728,6 +748,7 @@ class MultiHeadAttention:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from layer.init_cache(...), got "
                                 f"{type(cache).__name__}")
+            check_cache_owner(cache, self._cache_owner, xp=self._xp, device=self._device)
             c = self._config
             check_cache_call(cache, call, is_causal=is_causal,
                              cross=key is not None or value is not None,
@@ -762,7 +783,9 @@ class MultiHeadAttention:
         KVCache
             Zeros of shape ``(batch_size, num_kv_heads, max_length,
             head_dim)`` in the layer's namespace, device and dtype, with
-            ``length`` 0.
+            ``length`` 0. It belongs to this layer, as do the caches that
+            calls with it return: another layer refuses them (also one made
+            from this layer by :meth:`to`).
 
         Examples
         --------
@@ -786,7 +809,8 @@ class MultiHeadAttention:
         batch_size = check_positive_int("batch_size", batch_size)
         max_length = check_positive_int("max_length", max_length)
         return KVCache.empty(batch_size, self.num_kv_heads, max_length, self.head_dim,
-                             xp=self._xp, device=self._device, dtype=self._dtype)
+                             xp=self._xp, device=self._device, dtype=self._dtype,
+                             owner=self._cache_owner)
 
     def vjp(
         self,
@@ -841,6 +865,12 @@ class MultiHeadAttention:
         TypeError, ValueError
             As :meth:`__call__`; ``backward`` raises them for a ``grad_out``
             of the wrong library, device, dtype or shape.
+        MemoryError
+            Never from mha_xp's memory guard, which checks only the weights
+            of ``return_weights=True`` (the forward keeps the per-row
+            statistics, not the weights, and the planner keeps the dense
+            path within a quarter of the host memory available); only the
+            array library's own, when one of its allocations fails.
 
         Examples
         --------

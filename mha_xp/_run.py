@@ -22,7 +22,12 @@ def run_attention(query: Array, key: Array, value: Array, spec: AttentionSpec,
     run it in the core: ``(out, weights or None, stats or None)``."""
     plan = plan_call(query, key, value, spec, request, xp=xp)
     if plan.weights_bytes:
+        # plan.weights_bytes is the peak of the call that returns the weights
+        # (for the chunked path about twice the weights: the blocks and their
+        # concatenation), so that what cannot fit is refused before it starts.
         lead = broadcast_shapes(*(tuple(t.shape[:-2]) for t in (query, key, value)))
+        work = compute_dtype(query.dtype, xp)
         check_weights_fit(plan.weights_bytes, plan.available,
-                          lead + (query.shape[-2], key.shape[-2]), compute_dtype(query.dtype, xp))
+                          lead + (query.shape[-2], key.shape[-2]), work,
+                          xp.finfo(work).bits // 8)
     return attend(query, key, value, spec, plan, xp=xp)

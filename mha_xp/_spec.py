@@ -141,7 +141,8 @@ class Plan:
     budget : int
         The memory budget the plan was made with (Dask tasks plan with it).
     weights_bytes : int
-        Bytes the returned weights take (0 when none are asked for).
+        Bytes a call that returns the weights takes at its peak (the weights
+        and the path's temporaries; 0 when no weights are asked for).
     available : int or None
         Host memory available when the plan was made (None: not read).
     """

@@ -31,7 +31,8 @@ SLOW_BACKEND_FILES = {
     "jax": {"test_attention.py", "test_layer.py", "test_chunked.py", "test_backward.py",
             "test_random.py", "test_scaling.py"},
     "dask": {"test_attention.py", "test_layer.py", "test_chunked.py", "test_variants.py",
-             "test_dropout.py", "test_random.py", "test_regressions.py", "test_scaling.py"},
+             "test_dropout.py", "test_random.py", "test_regressions.py", "test_scaling.py",
+             "test_nonfinite.py"},
 }
 
 

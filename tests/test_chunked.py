@@ -267,7 +267,7 @@ class TestMemoryGuard:
         monkeypatch.setattr(_plan, "host_memory_available", lambda xp, device: 10_000)
         q = rng.standard_normal((2, 40, 8))  # weights: 2 * 40 * 40 * 8 bytes = 25.6 kB
         with pytest.raises(MemoryError, match=r"return_weights=True needs the \(2, 40, 40\) "
-                                              r"attention weights, 0.0 GiB in float64"):
+                                              r"attention weights, 25.0 KiB in float64"):
             sdpa(q, q, q, return_weights=True)
         with pytest.raises(MemoryError, match="call without return_weights"):
             MHA(8, 2, seed=0)(q, return_weights=True)

@@ -267,14 +267,17 @@ class TestAttentionProperties:
         note(f"hidden keys={np.flatnonzero(hidden)}")
         huge = {"float16": 6e4, "float32": 3e38, "float64": 1e300}[case.dtype]
         garbage_k = rng.choice([np.nan, np.inf, -np.inf, huge, -huge], size=case.k.shape)
-        # Finite garbage in masked values: a zero weight times NaN is NaN, so
-        # only key_padding_mask (which zeroes the inputs) makes NaN values inert.
-        garbage_v = rng.choice([huge, -huge, 0.5 * huge], size=case.v.shape)
+        # NaN and Inf in masked values too: mha_xp computes on finite
+        # stand-ins, so 0 * NaN never happens (tests/test_nonfinite.py).
+        garbage_v = rng.choice([np.nan, np.inf, -np.inf, huge, -huge, 0.5 * huge],
+                               size=case.v.shape)
         k = np.where(hidden[:, None], garbage_k, case.k)
         v = np.where(hidden[:, None], garbage_v, case.v)
         out, w = case.run(backend, return_weights=True)
-        # NumPy reports inf - inf in the score matmul of the garbage keys as an
-        # "invalid value" warning; the masked scores are discarded all the same.
+        # Masked keys near the dtype's maximum are finite, and so take part in
+        # the score matmul, whose products then overflow (NumPy warns: "overflow",
+        # and "invalid" for inf - inf); the masked scores are discarded all the
+        # same. NaN and Inf are replaced before any arithmetic and warn nothing.
         with np.errstate(invalid="ignore", over="ignore"):
             dirty, w_dirty = case.run(backend, k=k, v=v, return_weights=True)
         np.testing.assert_array_equal(dirty, out)

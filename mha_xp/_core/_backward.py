@@ -25,6 +25,7 @@ loops run in a fixed order: repeated calls give bit-identical results.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -37,6 +38,7 @@ from .._lib._namespace import Array
 from .._lib._shapes import broadcast_lead, unbroadcast
 from .._lib._softmax import probabilities
 from .._spec import AttentionSpec, Block
+from ._finite import finite_part
 from ._positions import diag_offset, dropout_scale, key_range, with_lead_index
 from ._scores import block_scores
 
@@ -103,15 +105,22 @@ def attention_backward(
     bias). Rows with nothing to attend to (``l = 0``) get zero gradients.
     ``in_place`` (default: where the backend allows) overwrites the score
     blocks, which are temporaries of this function.
+
+    Non-finite inputs (``saved`` from a forward that poisoned rows, or a
+    ``grad_out`` holding NaN or Inf) never reach a masked position: the
+    blocks are computed on finite stand-ins, and NaN goes to the gradients
+    of the rows whose output or upstream gradient is not finite, of the keys
+    and values they give a non-zero weight, and of the bias there
+    (:mod:`._finite`).
     """
     in_place = writes_in_place(xp) if in_place is None else in_place
+    saved, grad_out, flagged, delta, bad = _finite_inputs(saved, grad_out, xp=xp)
     query, key, value = saved.query, saved.key, saved.value
     L, S = query.shape[-2], key.shape[-2]
     dev = device_of(query)
     offset = diag_offset(L, S, spec, block)
     block = with_lead_index(spec, block, broadcast_lead(query, key, value), xp=xp, device=dev)
     q_scaled = query * spec.scale
-    delta = xp.sum(grad_out * saved.out, axis=-1, keepdims=True)
     m, l = (xp.expand_dims(t, axis=-1) for t in saved.stats)
     q_block, k_block = blocks
     n_k = -(-S // k_block) if S else 0
@@ -132,7 +141,8 @@ def attention_backward(
             p = probabilities(s, (m[..., rows, :], l[..., rows, :]), xp=xp, in_place=in_place)
             dq_j, dk, dv, dbias = _block_grads(
                 p, t, dropout_scale(spec, block, rows, cols, dtype=query.dtype, xp=xp, device=dev),
-                (grad_out[..., rows, :], delta[..., rows, :], q_scaled[..., rows, :]),
+                (grad_out[..., rows, :], flagged[..., rows, :], delta[..., rows, :],
+                 q_scaled[..., rows, :]),
                 (key[..., cols, :], value[..., cols, :]),
                 None if spec.bias is None else tuple(spec.bias.shape), xp=xp, in_place=in_place)
             bias_cols.append(dbias)
@@ -144,46 +154,82 @@ def attention_backward(
                           dtype=query.dtype, device=dev)
         grads.dq.append(dq * spec.scale)
         grads.bias_rows.append(bias_cols)
-    return _assemble(grads, saved, spec, k_block, xp=xp)
+    return _assemble(grads, saved, spec, k_block, bad, xp=xp)
+
+
+def _finite_inputs(saved: Saved, grad_out: Array, /, *, xp: ModuleType,
+                   ) -> tuple[Saved, Array, Array, Array, Array]:
+    """The backward's inputs with their non-finite entries replaced by 0:
+    ``(saved, grad_out, flagged, delta, bad)``, where ``bad`` marks the rows
+    (with a key to attend to) whose output or upstream gradient was not
+    finite or that the forward poisoned (``l = NaN``, then read as 1),
+    ``flagged`` is ``grad_out`` with ``bad`` as one more column (so that
+    ``P^T @ flagged`` gives the weight the bad rows give each key) and
+    ``delta = rowsum(grad_out * out)``."""
+    query, key, value = (finite_part(t, xp=xp)[0] for t in (saved.query, saved.key, saved.value))
+    out, out_bad = finite_part(saved.out, xp=xp)
+    grad_out, grad_bad = finite_part(grad_out, xp=xp)
+    m, l = saved.stats
+    poisoned = xp.isnan(l)
+    dev = device_of(l)
+    l = xp.where(poisoned, xp.ones((), dtype=l.dtype, device=dev), l)
+    bad = xp.logical_and(xp.logical_or(xp.logical_or(out_bad, grad_bad), poisoned),
+                         l > xp.zeros((), dtype=l.dtype, device=dev))
+    delta = xp.sum(grad_out * out, axis=-1, keepdims=True)
+    return (Saved(query, key, value, out, (m, l)), grad_out,
+            xp.concat([grad_out, xp.expand_dims(xp.astype(bad, grad_out.dtype), axis=-1)],
+                      axis=-1), delta, bad)
 
 
 def _block_grads(
-    p: Array, t: Array | None, drop: Array | None, row_arrays: tuple[Array, Array, Array],
+    p: Array, t: Array | None, drop: Array | None, row_arrays: tuple[Array, Array, Array, Array],
     col_arrays: tuple[Array, Array], bias_shape: tuple[int, ...] | None, /, *,
     xp: ModuleType, in_place: bool,
 ) -> tuple[Array, Array, Array, Array | None]:
     """``(dq, dk, dv, dbias)`` of one score block from its probabilities ``p``
     (and ``t = tanh(s / softcap)``, dropout's factors ``drop``), the rows'
-    ``(dO, rowsum(dO * O), scaled Q)`` and the columns' ``(K, V)``."""
-    do, d_i, q = row_arrays
+    ``(dO, dO with the bad-row column, rowsum(dO * O), scaled Q)`` and the
+    columns' ``(K, V)``. ``dv`` carries one more column: the weight that
+    bad rows give each key (before dropout)."""
+    do, flagged, d_i, q = row_arrays
     k_j, v_j = col_arrays
     dp = xp.matmul(do, xp.matrix_transpose(v_j))
     if drop is None:
-        dv = xp.matmul(xp.matrix_transpose(p), do)
+        dv = xp.matmul(xp.matrix_transpose(p), flagged)
     else:
-        dv = xp.matmul(xp.matrix_transpose(p * drop), do)
+        dv = xp.concat([xp.matmul(xp.matrix_transpose(p * drop), do),
+                        xp.matmul(xp.matrix_transpose(p), flagged[..., -1:])], axis=-1)
         dp = multiply_into(dp, drop, xp=xp, in_place=in_place)
     ds = gated_difference(dp, d_i, p, xp=xp, in_place=in_place)
-    dbias = None if bias_shape is None else _bias_block(ds, bias_shape, xp=xp)
+    dbias = None
+    if bias_shape is not None:  # NaN where a bad row gives weight
+        zero = xp.zeros((), dtype=p.dtype, device=device_of(p))
+        seen = xp.logical_and(flagged[..., -1:] > zero, p > zero)
+        dbias = _bias_block(xp.where(seen, xp.asarray(math.nan, dtype=ds.dtype,
+                                                      device=device_of(ds)), ds),
+                            bias_shape, xp=xp)
     if t is not None:  # through the soft-cap: d(c tanh(s / c))/ds = 1 - tanh^2
         ds = ds * (1.0 - t * t)
     dk = xp.matmul(xp.matrix_transpose(ds), q)  # q is already scaled
     return xp.matmul(ds, k_j), dk, dv, dbias
 
 
-def _assemble(grads: _Grads, saved: Saved, spec: AttentionSpec, k_block: int, /, *,
-              xp: ModuleType) -> tuple[Array, Array, Array, Array | None]:
-    """Join the per-block gradients and sum them back to the inputs' shapes."""
+def _assemble(grads: _Grads, saved: Saved, spec: AttentionSpec, k_block: int, bad: Array,
+              /, *, xp: ModuleType) -> tuple[Array, Array, Array, Array | None]:
+    """Join the per-block gradients and sum them back to the inputs' shapes,
+    with NaN for the bad rows' queries and the keys and values they see."""
     query, key, value = saved.query, saved.key, saved.value
     dev = device_of(query)
-    S = key.shape[-2]
-    dq = unbroadcast(grads.dq[0] if len(grads.dq) == 1 else xp.concat(grads.dq, axis=-2),
-                     tuple(query.shape), xp=xp)
+    S, Dv = key.shape[-2], value.shape[-1]
+    nan = xp.asarray(math.nan, dtype=query.dtype, device=dev)
+    dq = grads.dq[0] if len(grads.dq) == 1 else xp.concat(grads.dq, axis=-2)
+    dq = unbroadcast(xp.where(xp.expand_dims(bad, axis=-1), nan, dq), tuple(query.shape), xp=xp)
     lead = broadcast_lead(query, key, value)
-    dk = unbroadcast(_fill(grads.dk, lead + (S, key.shape[-1]), k_block, query.dtype, dev, xp),
-                     tuple(key.shape), xp=xp)
-    dv = unbroadcast(_fill(grads.dv, lead + (S, value.shape[-1]), k_block, query.dtype, dev,
-                           xp), tuple(value.shape), xp=xp)
+    dv = _fill(grads.dv, lead + (S, Dv + 1), k_block, query.dtype, dev, xp)
+    seen = xp.expand_dims(dv[..., Dv] > xp.zeros((), dtype=dv.dtype, device=dev), axis=-1)
+    dk = _fill(grads.dk, lead + (S, key.shape[-1]), k_block, query.dtype, dev, xp)
+    dk = unbroadcast(xp.where(seen, nan, dk), tuple(key.shape), xp=xp)
+    dv = unbroadcast(xp.where(seen, nan, dv[..., :Dv]), tuple(value.shape), xp=xp)
     dbias = None
     if spec.bias is not None:
         bshape = tuple(spec.bias.shape)

@@ -95,8 +95,12 @@ def _block_task(
     if not plan.return_weights:
         return out, m, l
     if s_end < S:
+        # Zeros for the keys dropped above; NaN for a poisoned row (l = NaN,
+        # see _finite), whose weights are NaN throughout.
         pad = xp.zeros(tuple(weights.shape[:-1]) + (S - s_end,), dtype=weights.dtype,
                        device=device_of(q))
+        pad = xp.where(xp.expand_dims(xp.isnan(l), axis=-1),
+                       xp.asarray(math.nan, dtype=weights.dtype, device=device_of(q)), pad)
         weights = xp.concat([weights, pad], axis=-1)
     return out, m, l, weights
 

@@ -14,6 +14,7 @@ from .._lib._shapes import broadcast_lead
 from .._spec import AttentionSpec, Block, Plan
 from . import _dask, _execute
 from ._backward import Saved, attention_backward
+from ._finite import underflow_ignored
 from ._gqa import gqa_groups, group_spec, split_heads, ungroup
 from ._plan import default_blocks, plan_blocks
 
@@ -70,20 +71,22 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
         return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
                 xp.reshape(dv, tuple(value.shape)),
                 None if dbias is None else xp.reshape(dbias, tuple(spec.bias.shape)))
-    dtype = query.dtype
-    work = compute_dtype(dtype, xp)
-    if work != dtype:
-        saved = Saved(*(xp.astype(t, work) for t in (query, key, value, saved.out)), saved.stats)
-        grad_out = xp.astype(grad_out, work)
     L, S = query.shape[-2], key.shape[-2]
     lead = broadcast_lead(query, key, value)
     blocks = (plan_blocks(lead, L, S, 0, chunk_size, 0) if chunk_size is not None
               else default_blocks(lead, L, S))
     bias_shape = None if spec.bias is None else tuple(spec.bias.shape)
-    grads = attention_backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
-                               blocks, xp=xp)
-    if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
-        grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
-    if work != dtype:
-        grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
+    dtype = query.dtype
+    work = compute_dtype(dtype, xp)
+    with underflow_ignored(xp):  # as in the forward (_execute.run)
+        if work != dtype:
+            saved = Saved(*(xp.astype(t, work) for t in (query, key, value, saved.out)),
+                          saved.stats)
+            grad_out = xp.astype(grad_out, work)
+        grads = attention_backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
+                                   blocks, xp=xp)
+        if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
+            grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
+        if work != dtype:
+            grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
     return grads

@@ -14,7 +14,7 @@ from .._lib._namespace import Array, compute_dtype
 from .._lib._shapes import at_least_2d
 from .._spec import AttentionSpec, Block, Plan
 from . import _chunked, _dense
-from ._finite import finite_part, poison_rows, with_flag_column
+from ._finite import finite_part, finite_values, poison_rows, underflow_ignored
 
 __all__ = ["EXECUTORS", "run", "work_spec"]
 
@@ -44,22 +44,23 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
     The executor sees the inputs with their non-finite entries replaced by
     0, and values with one more column marking the keys whose key or value
     held any; the rows that gave those keys weight (or whose query held
-    any) come back poisoned (:mod:`._finite`)."""
-    dtype = query.dtype
-    work = compute_dtype(dtype, xp)
-    if work != dtype:
-        query, key, value = (xp.astype(t, work) for t in (query, key, value))
-    query, query_bad = finite_part(query, xp=xp)
-    key, key_bad = finite_part(key, xp=xp)
-    value, value_bad = finite_part(value, xp=xp)
-    value = with_flag_column(value, xp.logical_or(key_bad, value_bad), xp=xp)
-    out, weights, stats = EXECUTORS[plan.executor](
-        query, key, value, work_spec(spec, work, xp), block,
-        plan if plan.return_stats else replace(plan, return_stats=True), xp=xp)
-    out, weights, stats = poison_rows(out, weights, stats, query_bad, xp=xp)
-    if not plan.return_stats:
-        stats = None
-    if work != dtype:
-        out = xp.astype(out, dtype)
-        weights = None if weights is None else xp.astype(weights, dtype)
+    any) come back poisoned (:mod:`._finite`). NumPy's underflow flag is
+    ignored inside (:func:`~._finite.underflow_ignored`)."""
+    with underflow_ignored(xp):
+        dtype = query.dtype
+        work = compute_dtype(dtype, xp)
+        if work != dtype:
+            query, key, value = (xp.astype(t, work) for t in (query, key, value))
+        query, query_bad = finite_part(query, xp=xp)
+        key, key_bad = finite_part(key, xp=xp)
+        value = finite_values(value, key_bad, xp=xp)
+        out, weights, stats = EXECUTORS[plan.executor](
+            query, key, value, work_spec(spec, work, xp), block,
+            plan if plan.return_stats else replace(plan, return_stats=True), xp=xp)
+        out, weights, stats = poison_rows(out, weights, stats, query_bad, xp=xp)
+        if not plan.return_stats:
+            stats = None
+        if work != dtype:
+            out = xp.astype(out, dtype)
+            weights = None if weights is None else xp.astype(weights, dtype)
     return out, weights, stats

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from array_api_compat import device as device_of
+
 from ._backends import writes_in_place
 from ._namespace import Array
-from ._shapes import broadcasts_to
+from ._shapes import broadcast_shapes, broadcasts_to
 
 __all__ = [
     "add_into",
@@ -23,6 +25,8 @@ __all__ = [
     "shifted_exp",
     "softcap_into",
     "writes_in_place",
+    "zero_unless",
+    "zero_unless_then",
 ]
 
 
@@ -44,6 +48,38 @@ def shifted_exp(s: Array, shift: Array, /, *, xp: ModuleType, in_place: bool) ->
         xp.subtract(s, shift, out=s)
         return xp.exp(s, out=s)
     return xp.exp(s - shift)
+
+
+def zero_unless(x: Array, keep: Array, /, *, xp: ModuleType, in_place: bool) -> Array:
+    """``where(keep, x, 0)`` (``keep`` of ``x``'s shape), as a new array:
+    written into a copy of ``x`` when allowed, which NumPy does in about
+    half the time of ``where`` with a scalar (measured on 2**21 to 2**24
+    float32 entries)."""
+    if in_place:
+        out = xp.asarray(x, copy=True)
+        xp.copyto(out, 0, where=xp.logical_not(keep))
+        return out
+    return xp.where(keep, x, xp.zeros((), dtype=x.dtype, device=device_of(x)))
+
+
+def zero_unless_then(x: Array, keep: Array, last: Array, /, *, xp: ModuleType,
+                     in_place: bool) -> Array:
+    """``concat([where(keep, x, 0), last], axis=-1)``, with ``x (..., S, D)``,
+    ``keep`` (of ``x``'s shape) and the columns ``last (..., S, n)`` (of
+    ``x``'s dtype) broadcast to one leading shape: written into one new
+    array when allowed, where ``where`` and ``concat`` would copy ``x``
+    twice."""
+    lead = broadcast_shapes(tuple(x.shape[:-2]), tuple(last.shape[:-2]))
+    S, D = x.shape[-2], x.shape[-1]
+    shape = lead + (S, D + last.shape[-1])
+    if in_place:
+        out = xp.empty(shape, dtype=x.dtype, device=device_of(x))
+        xp.copyto(out[..., :D], x)
+        xp.copyto(out[..., :D], 0, where=xp.logical_not(keep))
+        xp.copyto(out[..., D:], last)
+        return out
+    return xp.concat([xp.broadcast_to(zero_unless(x, keep, xp=xp, in_place=False), lead + (S, D)),
+                      xp.broadcast_to(last, shape[:-1] + (last.shape[-1],))], axis=-1)
 
 
 def divide_into(e: Array, d: Array, /, *, xp: ModuleType, in_place: bool) -> Array:

@@ -167,17 +167,21 @@ def merge_partials(
     """Merge attention over two disjoint key sets.
 
     ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2``,
-    where an ``lse`` of ``+inf`` marks a row that had no key (its output is
-    ignored, its weight is 0).
+    where an infinite ``lse`` marks a row that had no key (its output is
+    ignored, its weight is 0): ``+inf`` as mha_xp and FlashAttention write
+    it, or ``-inf``, the log of an empty sum, as other libraries do. A row
+    empty on both sides gets ``out = 0`` and ``lse = +inf``; a NaN ``lse``
+    gives NaN.
     """
     dtype, dev = out1.dtype, device_of(out1)
     pos_inf = xp.asarray(math.inf, dtype=lse1.dtype, device=dev)
     zero = xp.asarray(0.0, dtype=lse1.dtype, device=dev)
-    e1, e2 = lse1 == pos_inf, lse2 == pos_inf
+    e1, e2 = xp.isinf(lse1), xp.isinf(lse2)
     both = xp.logical_and(e1, e2)
+    # Finite stand-ins for the empty sides: no inf - inf below.
+    lse1, lse2 = xp.where(e1, zero, lse1), xp.where(e2, zero, lse2)
     # The larger of the two (ignoring empty sides) keeps exp() from overflowing.
     top = xp.where(e1, lse2, xp.where(e2, lse1, xp.maximum(lse1, lse2)))
-    top = xp.where(both, zero, top)
     w1 = xp.where(e1, zero, xp.exp(lse1 - top))
     w2 = xp.where(e2, zero, xp.exp(lse2 - top))
     total = w1 + w2

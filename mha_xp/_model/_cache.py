@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from array_api_compat import array_namespace, device as device_of
 
+from .._checks import check_cache_arrays
 from .._lib._backends import register_pytree
 from .._lib._namespace import Array
 
-__all__ = ["KVCache"]
+__all__ = ["CacheOwner", "KVCache"]
+
+
+class CacheOwner:
+    """Which layer made a cache: one per layer, compared by identity.
+
+    It is the static part of the cache's JAX pytree (hashable, so one
+    compiled step serves every cache of a layer). ``copy`` and ``deepcopy``
+    keep it: a copied cache still belongs to its layer. A pickled cache
+    does not (unpickled, it belongs to a new owner, which no layer is).
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> CacheOwner:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CacheOwner:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<CacheOwner {id(self):#x}>"
 
 
 @dataclass(frozen=True)
@@ -20,19 +42,40 @@ class KVCache:
     Make one with :meth:`MultiHeadAttention.init_cache`; each call
     ``y, cache = layer(x, cache=cache, is_causal=True)`` returns a new cache
     holding ``x``'s keys and values too. Nothing is modified in place, so a
-    cache may be reused (e.g. to branch a beam) and passes through
-    ``jax.jit`` (it is a JAX pytree of its three arrays).
+    cache may be reused (e.g. to branch a beam).
 
     Parameters
     ----------
     key, value : array, shape (B, num_kv_heads, max_length, head_dim)
         Projected (normalised and rotated, where the layer does so) keys and
-        values, one head per key/value head; positions ``>= length`` hold
-        zeros or stale entries and are never attended to.
-    length : array, 0-d, integer
-        How many positions are filled. An array rather than a Python int, so
-        that one compiled decoding step serves every position under
-        ``jax.jit``.
+        values, one head per key/value head, of one library, device and
+        real floating dtype; positions ``>= length`` hold zeros or stale
+        entries and are never attended to.
+    length : array, 0-d, signed integer, or int
+        How many positions are filled, in ``[0, max_length]``. An array of
+        the keys' library and device rather than a Python int, so that one
+        compiled decoding step serves every position under ``jax.jit``; a
+        Python int is converted to one (the library's default integer
+        dtype, on the keys' device).
+
+    Attributes
+    ----------
+    owner : CacheOwner or None
+        The layer whose :meth:`~MultiHeadAttention.init_cache` made the
+        cache (the caches its calls return keep it); None for a cache made
+        by hand. A layer refuses a cache another layer made, since the keys
+        and values in it were projected with that layer's weights.
+
+    Raises
+    ------
+    TypeError
+        ``key`` or ``value`` not arrays of one library, not real floating,
+        or of different dtypes; ``length`` neither an int nor a 0-d signed
+        integer array of their library.
+    ValueError
+        Arrays on different devices; ``key`` and ``value`` not 4-D of one
+        shape; a ``length`` outside ``[0, max_length]`` where its value can
+        be read for free.
 
     Notes
     -----
@@ -42,24 +85,49 @@ class KVCache:
     rather than in place. Shapes never change, so ``jax.jit`` compiles one
     step for all positions and nothing is reallocated as the sequence
     grows; the price is ``O(max_length)`` rather than ``O(length)`` work per
-    step, as in Flax's decode cache. Writing past ``max_length`` raises
-    ``ValueError`` where the filled length can be read for free (NumPy,
-    array-api-strict, torch on the CPU); on CuPy, CUDA torch, JAX and Dask
-    reading it would mean a device sync, or is impossible (under
+    step, as in Flax's decode cache.
+
+    Values of ``length`` are checked where the filled length can be read for
+    free (NumPy, array-api-strict, torch on the CPU, and any Python int): a
+    length outside ``[0, max_length]`` when the cache is made, and a write
+    past ``max_length``, raise ``ValueError``. On CuPy, CUDA torch, JAX and
+    Dask reading it would mean a device sync, or is impossible (under
     ``jax.jit``, on a lazy Dask array), so there positions beyond
-    ``max_length`` are dropped: choose ``max_length`` for the longest
-    sequence.
+    ``max_length`` are dropped (choose ``max_length`` for the longest
+    sequence) and a negative length gives undefined results (the call
+    writes nothing into the cache).
+
+    A cache belongs to the layer that made it: ``layer.to(...)``,
+    :meth:`~MultiHeadAttention.from_state_dict` and :func:`load_weights`
+    make new layers, which start their own caches (converting the keys and
+    values too would be a silent copy; rebuild a cache by hand,
+    ``KVCache(key, value, length)``, to carry one over deliberately: a
+    cache made by hand belongs to no layer and any layer of matching
+    shapes, library, device and dtype accepts it). It is a JAX pytree of its
+    three arrays, its owner the static part: it passes through ``jax.jit``
+    and ``jax.lax.scan`` and keeps its owner.
     """
 
     key: Array
     value: Array
     length: Array
+    owner: CacheOwner | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A JAX pytree of its three arrays, so that it passes through jax.jit
-        # and jax.lax.scan (registered on first use with JAX arrays).
-        register_pytree(KVCache, lambda c: ((c.key, c.value, c.length), None),
-                        lambda _, children: KVCache(*children), self.key)
+        object.__setattr__(self, "length", check_cache_arrays(self.key, self.value, self.length))
+        _register(self.key)
+
+    @classmethod
+    def _assemble(cls, key: Array, value: Array, length: Array,
+                  owner: CacheOwner | None) -> KVCache:
+        """A cache of fields known to be valid, without checking them again:
+        for :meth:`append` and for JAX, whose unflattening may pass any
+        objects as the leaves (sentinels, tracers, ``None``) and must not
+        check them."""
+        self = object.__new__(cls)
+        for name, x in (("key", key), ("value", value), ("length", length), ("owner", owner)):
+            object.__setattr__(self, name, x)
+        return self
 
     @property
     def max_length(self) -> int:
@@ -74,13 +142,15 @@ class KVCache:
     @classmethod
     def empty(
         cls, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int, *,
-        xp: Any, device: Any, dtype: Any,
+        xp: Any, device: Any, dtype: Any, owner: CacheOwner | None = None,
     ) -> KVCache:
-        """A cache with no position filled (zeros, ``length`` 0)."""
+        """A cache with no position filled (zeros, ``length`` 0) that
+        belongs to ``owner`` (the layer whose ``init_cache`` makes it)."""
         shape = (batch_size, num_kv_heads, max_length, head_dim)
         zeros = xp.zeros(shape, dtype=dtype, device=device)
         length = xp.zeros((), dtype=xp.arange(1, device=device).dtype, device=device)
-        return cls(zeros, xp.zeros(shape, dtype=dtype, device=device), length)
+        _register(zeros)
+        return cls._assemble(zeros, xp.zeros(shape, dtype=dtype, device=device), length, owner)
 
     def append(self, key: Array, value: Array) -> KVCache:
         """A cache with ``key`` and ``value`` (``(B, Hkv, n, D)``) written at
@@ -96,8 +166,17 @@ class KVCache:
         write = xp.logical_and(rel >= 0, rel < n)
         index = xp.where(write, rel, xp.zeros_like(rel))
         write = xp.reshape(write, (M, 1))
-        return KVCache(
+        return KVCache._assemble(
             xp.where(write, xp.take(key, index, axis=2), self.key),
             xp.where(write, xp.take(value, index, axis=2), self.value),
-            self.length + n,
+            self.length + n, self.owner,
         )
+
+
+def _register(like: Array) -> None:
+    """Make :class:`KVCache` a JAX pytree once JAX arrays are in use, so that
+    a cache passes through ``jax.jit`` and ``jax.lax.scan``: its three arrays
+    are the leaves, its owner the static part (a cache of another layer is
+    another tree structure, never mistaken for this layer's)."""
+    register_pytree(KVCache, lambda c: ((c.key, c.value, c.length), c.owner),
+                    lambda owner, leaves: KVCache._assemble(*leaves, owner), like)

@@ -1,0 +1,113 @@
+"""Non-finite inputs: computed on finite stand-ins, then put back as NaN
+along the edges that see them.
+
+A weight of exactly 0 does not stop a NaN or an infinity (``0 * NaN`` and
+``0 * inf`` are NaN), so a masked key that holds one would reach every row
+of the block's ``P V`` and ``dS K`` products, and which rows it reached
+would depend on the blocks. Instead every path computes on copies of the
+query, key, value (and, backward, the output and its gradient) whose
+non-finite entries are replaced by 0 with ``where`` (finite entries keep
+their bits: finite calls are bit for bit what they were), and notes which
+rows held any. The matrix products then see finite numbers only (nothing
+to warn about under ``np.errstate(all="raise")``), and the non-finite
+entries come back as NaN where they were seen:
+
+- forward: a row that gives a non-zero weight to a key or value that held
+  one, or whose own query held one while it sees any key, is *poisoned*:
+  its output, weights and log-sum-exp are NaN (all of its features: which
+  feature would have held NaN or ±Inf is not tracked). Whether a row gave
+  such a key weight comes out of the ``P V`` product itself, through one
+  more column of values (1 for such keys, 0 otherwise): no pass over the
+  scores. Poisoned rows keep their shift ``m`` and carry ``l = NaN`` in
+  the statistics, so that ``lse = m + log l`` is NaN and the backward can
+  tell them.
+- backward: a row whose output or upstream gradient is not finite (a
+  poisoned row among them) gives NaN gradients to its query and to every
+  key and value it gives a non-zero weight, and NaN bias gradients at those
+  positions; every other gradient is computed from finite numbers, so
+  that a masked position's is exactly 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import device as device_of
+
+from .._lib._backends import writes_in_place
+from .._lib._inplace import zero_unless, zero_unless_then
+from .._lib._namespace import Array
+
+__all__ = ["finite_part", "finite_values", "poison_rows", "underflow_ignored"]
+
+
+def underflow_ignored(xp: ModuleType) -> contextlib.AbstractContextManager[Any]:
+    """NumPy's error state with underflow ignored, for the namespaces that
+    have one (NumPy's; a no-op elsewhere: torch, JAX and CuPy keep no
+    floating-point flags, array-api-strict exposes none).
+
+    Underflow is the one flag that finite stand-ins cannot avoid: the
+    softmax's ``exp(s - m)`` of a score far below its row's maximum, a small
+    weight times a small value, a tiny result rounded to float16 are all
+    correctly rounded to a subnormal number or 0, which IEEE 754 and NumPy's
+    default settings treat as no error. Flushing them instead would change
+    finite results and cost passes over every score block; so a user's
+    ``np.errstate(under="raise")`` does not reach inside the call, while its
+    overflow, invalid and divide flags do (the stand-ins keep those from
+    being raised on valid input)."""
+    errstate = getattr(xp, "errstate", None)
+    return contextlib.nullcontext() if errstate is None else errstate(under="ignore")
+
+
+def finite_part(x: Array, /, *, xp: ModuleType, in_place: bool | None = None,
+                ) -> tuple[Array, Array]:
+    """``x`` with its non-finite entries replaced by 0 (finite entries keep
+    their bits), a new array, and whether each row (the last axis) held
+    any, ``x.shape[:-1]``. ``in_place`` (default: where the backend allows)
+    writes the copy in place (:func:`~mha_xp._lib._inplace.zero_unless`)."""
+    finite = xp.isfinite(x)
+    in_place = writes_in_place(xp) if in_place is None else in_place
+    return (zero_unless(x, finite, xp=xp, in_place=in_place),
+            xp.logical_not(xp.all(finite, axis=-1)))
+
+
+def finite_values(value: Array, key_bad: Array, /, *, xp: ModuleType,
+                  in_place: bool | None = None) -> Array:
+    """``value (..., S, Dv)`` with its non-finite entries replaced by 0 and
+    one more column, 1 for the keys whose value or key (``key_bad (..., S)``)
+    held any and 0 for the others, leading shapes broadcast: ``P @ result``
+    holds ``P @ value`` and, last, the weight each row gives such keys.
+    ``in_place`` (default: where the backend allows) writes it in one pass
+    (:func:`~mha_xp._lib._inplace.zero_unless_then`)."""
+    finite = xp.isfinite(value)
+    flag = xp.logical_or(key_bad, xp.logical_not(xp.all(finite, axis=-1)))
+    in_place = writes_in_place(xp) if in_place is None else in_place
+    column = xp.expand_dims(xp.astype(flag, value.dtype), axis=-1)
+    return zero_unless_then(value, finite, column, xp=xp, in_place=in_place)
+
+
+def poison_rows(out: Array, weights: Array | None, stats: tuple[Array, Array],
+                query_bad: Array, /, *, xp: ModuleType,
+                ) -> tuple[Array, Array | None, tuple[Array, Array]]:
+    """Split the flag column off ``out (..., L, Dv + 1)`` (from values made by
+    :func:`finite_values`) and poison the rows that saw a non-finite
+    key or value, or whose query (``query_bad``, broadcastable to the rows)
+    held one while they see a key: NaN output and weights, ``l = NaN``."""
+    Dv = out.shape[-1] - 1
+    m, l = stats
+    dev = device_of(l)
+    zero = xp.zeros((), dtype=l.dtype, device=dev)
+    poisoned = xp.logical_or(out[..., Dv] > zero, xp.logical_and(query_bad, l > zero))
+    # A factor of 1 or NaN per row: x * 1.0 is x, bit for bit, and one
+    # multiplication is about twice as fast as where() on NumPy.
+    factor = xp.where(poisoned, xp.asarray(math.nan, dtype=l.dtype, device=dev),
+                      xp.ones((), dtype=l.dtype, device=dev))
+    rows = xp.expand_dims(factor, axis=-1)
+    out = out[..., :Dv] * xp.astype(rows, out.dtype)
+    if weights is not None:
+        weights = weights * xp.astype(rows, weights.dtype)
+    return out, weights, (m, l * factor)
+
