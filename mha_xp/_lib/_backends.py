@@ -3,7 +3,7 @@
 The algorithm is written once against the array API standard; what cannot
 be (whether a library writes in place, whether reading a value is free,
 how much host memory there is, how JAX learns about our containers) is
-answered here, and only here (``tests/test_architecture.py`` holds the rule).
+answered here, and only here (``tests/suites/test_architecture.py`` holds the rule).
 """
 
 from __future__ import annotations

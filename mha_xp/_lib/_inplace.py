@@ -4,7 +4,7 @@ The portable path allocates a new array per elementwise step, as it must
 (JAX arrays are immutable). NumPy and CuPy can overwrite a temporary that
 mha_xp itself created, which saves an allocation and a pass through memory
 per step on the score blocks. Tests run both paths against each other
-(``tests/test_chunked.py``).
+(``tests/core/test_chunked.py``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ shifts, and bitwise operations every backend implements. Additions wrap
 modulo 2**32 on every backend mha_xp supports (NumPy and array-api-strict
 silently for arrays, torch, JAX/XLA and CuPy by two's complement); the
 logical right shift of a rotation is the arithmetic shift followed by a mask;
-and unsigned comparisons flip the sign bit first. ``tests/test_random.py``
+and unsigned comparisons flip the sign bit first. ``tests/lib/test_random.py``
 checks the bits against ``jax.random``'s threefry and the Random123
 known-answer vectors on every backend.
 

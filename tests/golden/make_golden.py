@@ -1,5 +1,5 @@
 """Write ``golden.npz``: today's NumPy outputs of a dozen configurations,
-pinned bit for bit by ``tests/test_golden.py``.
+pinned bit for bit by ``tests/suites/test_golden.py``.
 
 Run once, before a refactoring: ``python tests/golden/make_golden.py``. The
 test recomputes every case and requires exact equality, so a restructuring

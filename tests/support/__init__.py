@@ -10,7 +10,7 @@
 ``support.reference``, ``support.reference_variants``
     independent float64 references in plain NumPy;
 ``support.golden_cases``
-    the configurations ``tests/test_golden.py`` pins bit for bit;
+    the configurations ``tests/suites/test_golden.py`` pins bit for bit;
 ``support._hypothesis_profiles``
     Hypothesis budgets (``budget``); imported only by the property tests,
     since importing it loads a Hypothesis profile.

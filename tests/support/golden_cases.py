@@ -1,4 +1,4 @@
-"""The configurations whose NumPy outputs ``tests/test_golden.py`` pins bit for bit.
+"""The configurations whose NumPy outputs ``tests/suites/test_golden.py`` pins bit for bit.
 
 Each case returns a list of NumPy arrays (outputs, weights, gradients). They
 cover masks, padding, causal with L != S, the chunked path, GQA, every

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "train_copy_task.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "train_copy_task.py"
 
 
 def _load():

@@ -10,7 +10,7 @@ import pytest
 
 from support.golden_cases import CASES
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "golden.npz")
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "golden.npz")
 
 
 @pytest.fixture(scope="module")

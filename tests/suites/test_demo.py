@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 # A result row: backend, dtype, relative error, tolerance, difference from numpy, ...
 ROW = re.compile(

@@ -23,7 +23,7 @@ import mha_xp
 from mha_xp import KVCache, get_memory_budget, memory_budget
 from support import make_backend, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MHA = mha_xp.MultiHeadAttention
 DEFAULT = mha_xp.DEFAULT_MEMORY_BUDGET
 OTHER_LAYER = r"cache belongs to another layer \(its init_cache made it"

@@ -29,7 +29,7 @@ from mha_xp._lib import _backends
 from mha_xp._lib._backends import host_memory_available, memory_available
 from mha_xp._spec import AttentionSpec, Request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GiB, MiB = 2**30, 2**20
 sdpa = mha_xp.scaled_dot_product_attention
 MHA = mha_xp.MultiHeadAttention

@@ -1,7 +1,7 @@
 """Dropout on the attention weights: ``out = (P * Z / (1 - p)) V``.
 
 The reference builds the whole keep-mask ``Z`` with ``dropout_keep`` (the
-generator, checked bit for bit in ``tests/test_random.py``) over the full
+generator, checked bit for bit in ``tests/lib/test_random.py``) over the full
 ``(lead, L, S)`` score matrix, at the documented global positions (C-order
 flattened leading index of the output, query row, key column), takes the
 softmax weights ``P`` from the float64 loop reference of the variants, and
