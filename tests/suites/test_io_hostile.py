@@ -22,6 +22,7 @@ import pytest
 from numpy.lib import format as npy_format
 
 import mha_xp
+from support.files import refused
 
 MHA = mha_xp.MultiHeadAttention
 
@@ -93,15 +94,6 @@ def f64_tensors(layer) -> dict:
     return {n: ("F64", w.shape, w.astype("<f8").tobytes()) for n, w in state(layer).items()}
 
 
-def refused(path: Path, *fragments: str, **kwargs) -> str:
-    """load_weights refuses ``path`` with a ValueError that names it."""
-    with pytest.raises(ValueError) as info:
-        mha_xp.load_weights(path, **kwargs)
-    message = str(info.value)
-    assert str(path) in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 @pytest.fixture
