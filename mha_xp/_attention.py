@@ -142,6 +142,9 @@ def _neg_slopes(xp: ModuleType, dev: Any, dtype: Any, scores_shape: tuple[int, .
         return None
     work = compute_dtype(dtype, xp)
     if isinstance(alibi_slopes, (list, tuple)):
+        for i, a in enumerate(alibi_slopes):  # read on the host, as given
+            if isinstance(a, numbers.Real) and not math.isfinite(a):
+                raise ValueError(f"alibi_slopes must hold finite slopes, got {a} at index {i}")
         alibi_slopes = xp.asarray(alibi_slopes, dtype=work, device=dev)
     else:
         common_namespace((xp, dev, "pass it with the inputs' library and device"),
