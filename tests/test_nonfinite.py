@@ -18,7 +18,6 @@ reference only to the dtype's tolerance.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Any
 
@@ -150,7 +149,8 @@ def _case(name: str, rng, *, hide_two: bool = False,
     return kw, allowed, (q, k, v)
 
 
-def _dirty(k, v, allowed, rng, *, hidden_from_all: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _dirty(k, v, allowed, rng, *, hidden_from_all: bool,
+           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """``k`` and ``v`` with NaN/±Inf at some entries of keys hidden from every
     query (``hidden_from_all``: up to two of them), or of one key hidden from
     the most queries while some see it."""
@@ -394,7 +394,8 @@ class TestUnsignedCuSeqlens:
         q, k, v = (rng.standard_normal(s) for s in [(2, 6, 4), (2, 6, 4), (2, 6, 3)])
         cu_q, cu_k = np.array([0, 3, 6]), np.array([0, 2, 6])
         for kw in (dict(is_causal=True), dict(window=(1, 0)),
-                   dict(is_causal=True, alibi_slopes=[0.5, 0.5]), dict(is_causal=True, chunk_size=2)):
+                   dict(is_causal=True, alibi_slopes=[0.5, 0.5]),
+                   dict(is_causal=True, chunk_size=2)):
             results = []
             for dt in ("int64", udtype):
                 args = [backend.asarray(t, "float64") for t in (q, k, v)]
@@ -479,7 +480,8 @@ class TestStrictFloatingPoint:
     def test_rows_without_keys(self, backend, dtype, path, rng):
         q, k, v = (rng.standard_normal(s) for s in [(2, 6, 4), (2, 3, 4), (2, 3, 3)])
         with strict(backend):
-            out = call(backend, dtype, q, k, v, is_causal=True, **path)  # L > S: rows 0-2 see nothing
+            # L > S: queries 0 to 2 see no key.
+            out = call(backend, dtype, q, k, v, is_causal=True, **path)
         with strict(backend, backward=True):
             grads = _grads(backend, dtype, q, k, v, is_causal=True, **path)
             dropped = _grads(backend, dtype, q, k, v, is_causal=True, dropout_p=1.0, seed=1, **path)
@@ -659,7 +661,8 @@ def test_in_place_stand_ins_equal_the_portable_ones(rng):
         assert np.array_equal(fast_bad, portable_bad)
         assert np.array_equal(fast_bad, ~np.isfinite(x).all(axis=-1))
         assert bits(x).tobytes() == bits(before).tobytes()
-        assert np.all(np.isfinite(fast)) and bits(fast[0, 0, 1:2]).tobytes() == bits(x[0, 0, 1:2]).tobytes()
+        assert np.all(np.isfinite(fast))
+        assert bits(fast[0, 0, 1:2]).tobytes() == bits(x[0, 0, 1:2]).tobytes()  # -0.0 kept
 
 
 def test_in_place_values_with_flags_equal_the_portable_ones(rng):
