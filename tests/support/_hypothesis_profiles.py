@@ -20,7 +20,7 @@ backends, which share all of mha_xp's code with them.
 
 ``MHA_XP_HYPOTHESIS_SCALE=100`` overrides the multiplier of either profile,
 e.g. ``HYPOTHESIS_PROFILE=thorough MHA_XP_HYPOTHESIS_SCALE=200 python -m pytest
-tests/test_properties.py``.
+tests/suites/test_properties.py``.
 """
 
 from __future__ import annotations

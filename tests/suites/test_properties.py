@@ -268,7 +268,7 @@ class TestAttentionProperties:
         huge = {"float16": 6e4, "float32": 3e38, "float64": 1e300}[case.dtype]
         garbage_k = rng.choice([np.nan, np.inf, -np.inf, huge, -huge], size=case.k.shape)
         # NaN and Inf in masked values too: mha_xp computes on finite
-        # stand-ins, so 0 * NaN never happens (tests/test_nonfinite.py).
+        # stand-ins, so 0 * NaN never happens (tests/core/test_nonfinite.py).
         garbage_v = rng.choice([np.nan, np.inf, -np.inf, huge, -huge, 0.5 * huge],
                                size=case.v.shape)
         k = np.where(hidden[:, None], garbage_k, case.k)
