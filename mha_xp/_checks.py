@@ -457,6 +457,10 @@ def check_alibi_slopes(slopes: Any, dtype: Any, target: tuple[int, ...], xp: Mod
             f"alibi_slopes must have shape (H,) or (B, H) for the query heads H and batch B, "
             f"i.e. broadcast to {lead[-2:] if len(lead) >= 2 else lead}, got shape {shape}"
         )
+    # Values are read only where that is free (host arrays): on a GPU, lazy or
+    # traced array it would cost a synchronisation or a computation.
+    if host_readable(slopes) and not bool(xp.all(xp.isfinite(slopes))):
+        raise ValueError("alibi_slopes must hold finite slopes, got NaN or an infinity")
 
 
 def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,

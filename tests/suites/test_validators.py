@@ -164,3 +164,11 @@ def test_alibi_means_the_same(alibi, rng):
 @pytest.mark.parametrize("alibi", [None, False, np.False_])
 def test_alibi_off(alibi):
     assert MHA(E, H, alibi=alibi).config.alibi is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_alibi_slope_arrays_refused_on_host_backends(qkv, bad):
+    # Host arrays are read for free; a GPU, lazy or traced array is not read.
+    slopes = np.array([0.5, bad])
+    with pytest.raises(ValueError, match="alibi_slopes must hold finite slopes"):
+        sdpa(*qkv, alibi_slopes=slopes)
