@@ -13,7 +13,15 @@ from ._attention import (
     scaled_dot_product_attention,
 )
 from ._model._cache import KVCache
-from ._config import DEFAULT_MEMORY_BUDGET, get_memory_budget, memory_budget
+from ._config import (
+    DEFAULT_MEMORY_BUDGET,
+    get_memory_budget,
+    get_native_kernels,
+    get_num_threads,
+    memory_budget,
+    native_kernels,
+    num_threads,
+)
 from ._io import load_weights, save_weights
 from ._layer import MultiHeadAttention
 from ._attention import alibi_slopes
@@ -31,9 +39,13 @@ __all__ = [
     "attention_vjp",
     "attention_with_lse",
     "get_memory_budget",
+    "get_native_kernels",
+    "get_num_threads",
     "load_weights",
     "memory_budget",
     "merge_attention",
+    "native_kernels",
+    "num_threads",
     "save_weights",
     "scaled_dot_product_attention",
 ]

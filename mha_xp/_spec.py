@@ -115,12 +115,15 @@ class Request:
         Force the chunked path with these ``(query_block, key_block)``.
     memory_budget : int or None
         Bytes the dense score tensor may take; None: the budget in effect.
+    num_threads : int or None
+        Threads of the parallel CPU executor; None: the number in effect.
     """
 
     return_weights: bool = False
     return_stats: bool = False
     chunk_size: tuple[int, int] | None = None
     memory_budget: int | None = None
+    num_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,9 @@ class Plan:
         and the path's temporaries; 0 when no weights are asked for).
     available : int or None
         Host memory available when the plan was made (None: not read).
+    threads : int
+        More than 1: the parallel executor (NumPy only) runs the dense or
+        chunked path in tasks on this many threads; 1: serially.
     """
 
     executor: str
@@ -154,6 +160,7 @@ class Plan:
     return_stats: bool = False
     weights_bytes: int = 0
     available: int | None = None
+    threads: int = 1
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from the seed and the block's global position
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from array_api_compat import device as device_of
 
@@ -39,11 +39,12 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
     """The chunked executor: ``(out, weights or None, stats or None)`` in the
     compute dtype (the weights recomputed block by block from the statistics,
     so that asking for them never changes the output)."""
-    out, stats = chunked_attention(query, key, value, spec, block, plan.blocks, xp=xp)
+    blocks = cast("tuple[int, int]", plan.blocks)  # a chunked plan has its blocks
+    out, stats = chunked_attention(query, key, value, spec, block, blocks, xp=xp)
     weights = None
     if plan.return_weights:
         lead = broadcast_lead(query, key, value)
-        weights = expand(chunked_weights(query, key, stats, spec, block, plan.blocks, xp=xp),
+        weights = expand(chunked_weights(query, key, stats, spec, block, blocks, xp=xp),
                          lead + (query.shape[-2], key.shape[-2]), xp)
     return out, weights, stats if plan.return_stats else None
 

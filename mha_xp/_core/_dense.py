@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import cast
 
 from array_api_compat import device as device_of
 
@@ -27,8 +28,9 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
     block = with_lead_index(spec, block, lead, xp=xp, device=device_of(query))
     everything = (slice(0, L), slice(0, S))
     # Scale Q (L x D) rather than the scores (L x S).
-    scores = block_scores(query * spec.scale, key, spec, *everything,
-                          diag_offset(L, S, spec, block), xp=xp, in_place=writes_in_place(xp))
+    scores = cast(Array, block_scores(query * spec.scale, key, spec, *everything,
+                                      diag_offset(L, S, spec, block), xp=xp,
+                                      in_place=writes_in_place(xp)))
     if spec.dropout is None:
         # Leave exp(s - m) unnormalised, get its row sums from the P V matmul
         # and divide the (L, Dv) output rather than the (L, S) probabilities:
@@ -37,7 +39,8 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
         out, weights, stats = unnormalised_attention(
             scores, with_ones_column(value, xp=xp), xp=xp, return_weights=plan.return_weights)
     else:
-        weights, stats = masked_softmax(scores, None, xp=xp, return_stats=True)
+        weights, stats = cast("tuple[Array, tuple[Array, Array]]",
+                              masked_softmax(scores, None, xp=xp, return_stats=True))
         drop = dropout_scale(spec, block, *everything, dtype=scores.dtype, xp=xp,
                              device=device_of(query))
         # The weights go back undropped: only overwrite them when they do not.
@@ -45,5 +48,6 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
                                       and not plan.return_weights), value)
     out = expand(out, lead + (L, value.shape[-1]), xp)
     weights = expand(weights, lead + (L, S), xp) if plan.return_weights else None
-    stats = tuple(expand(t, lead + (L,), xp) for t in stats) if plan.return_stats else None
-    return out, weights, stats
+    if not plan.return_stats:
+        return out, weights, None
+    return out, weights, (expand(stats[0], lead + (L,), xp), expand(stats[1], lead + (L,), xp))
