@@ -26,6 +26,13 @@ What is timed
     every parameter) against torch autograd (``y.backward(dy)``, the same
     gradients) through ``nn.MHA``, ``F.mha`` and ``SDPA+proj``.
 
+    On the peers' own arrays (``--no-native`` skips them; float32 forward,
+    no memory measurement): ``forward, torch inputs`` times the layer on torch
+    tensors (delegated to torch's SDPA where the semantics coincide) against
+    ``SDPA+proj``; ``forward, jax.jit`` times the layer on JAX arrays under
+    ``jax.jit`` against ``jax.nn.dot_product_attention`` with the same
+    projections, jitted (``jax dpa+proj``).
+
 Configurations ``(B, L, E, H)``
     tiny (1, 16, 64, 4), small (32, 128, 256, 8), medium (8, 512, 512, 8),
     long (1, 4096, 512, 8), in every dtype of ``--dtypes`` (float32 and
@@ -67,7 +74,7 @@ FLOP count (stated per call; GFLOP/s = count / median time)
 
 Outputs
     A table per mode and dtype on stdout (times, ``mha_xp / peer`` ratios,
-    GFLOP/s, % of peak, peak extra MB), the issue-6 targets met or missed,
+    GFLOP/s, % of peak, peak extra MB), the issue-18 targets met or missed,
     and the change against ``benchmarks/results/baseline.json`` (the previous
     release's results) when it exists. ``benchmarks/results/run.json`` holds
     everything, with the machine, thread counts, BLAS and library versions;
@@ -119,8 +126,18 @@ QUICK_SWEEP_LENGTHS = (256, 512, 1024, 2048)
 
 FORWARD_IMPLS = ("mha_xp", "torch_module", "torch_functional", "torch_sdpa", "numpy")
 BACKWARD_IMPLS = ("mha_xp", "torch_module", "torch_functional", "torch_sdpa")
+# mha_xp on the peer's own arrays against the peer's native kernel with the
+# same projections (float32 forward): the modes, their implementations, and
+# the configurations they run (JAX's kernel materialises the scores, and
+# jax.jit unrolls mha_xp's chunked loop at long: long is left out there).
+NATIVE_MODES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    # mode: (inputs, implementations, configs)
+    "forward, torch inputs": ("torch", ("mha_xp", "torch_sdpa"), ("tiny", "small", "medium", "long")),
+    "forward, jax.jit": ("jax", ("mha_xp", "jax_dpa"), ("tiny", "small", "medium")),
+}
 LABELS = {
     "mha_xp": "mha_xp",
+    "jax_dpa": "jax dpa+proj",
     "torch_module": "nn.MHA",
     "torch_functional": "F.mha",
     "torch_sdpa": "SDPA+proj",
@@ -132,6 +149,7 @@ PLOT_LABELS = {
     "torch_functional": "torch F.multi_head_attention_forward",
     "torch_sdpa": "torch SDPA + F.linear projections",
     "numpy": "hand-written NumPy MHA",
+    "jax_dpa": "jax.nn.dot_product_attention + projections (jax.jit)",
 }
 FLOP_FORMULA = {
     "forward": "8*B*L*E**2 + 4*B*L**2*E",
@@ -231,6 +249,45 @@ def forward_runner(impl: str, B: int, L: int, E: int, H: int, dtype: str) -> Cal
             return F.linear(o.transpose(1, 2).reshape(B, L, E), w_out, b_out)
         return sdpa
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def native_runner(inputs: str, impl: str, B: int, L: int, E: int, H: int,
+                  dtype: str) -> Callable[[], Any]:
+    """A forward of ``impl`` on the arrays of ``inputs`` ("torch": mha_xp's
+    layer on torch tensors, or torch's SDPA with ``F.linear`` projections;
+    "jax": each jitted, mha_xp's layer on JAX arrays or
+    ``jax.nn.dot_product_attention`` with the same projections)."""
+    if inputs == "torch":
+        if impl != "mha_xp":
+            return forward_runner(impl, B, L, E, H, dtype)
+        import torch
+
+        sd = {n: torch.from_numpy(w) for n, w in weights(E, dtype).items()}
+        layer = mha_xp.MultiHeadAttention.from_state_dict(sd, num_heads=H)
+        xt = torch.from_numpy(inputs_of(B, L, E, dtype))
+        return lambda: layer(xt)
+    import jax
+    import jax.numpy as jnp
+
+    sd = {n: jnp.asarray(w) for n, w in weights(E, dtype).items()}
+    x = jnp.asarray(inputs_of(B, L, E, dtype))
+    if impl == "mha_xp":
+        layer = mha_xp.MultiHeadAttention.from_state_dict(sd, num_heads=H)
+        f = jax.jit(lambda x: layer(x))
+    else:
+        D = E // H
+
+        def plain(x):
+            qkv = (x @ sd["in_proj_weight"].T + sd["in_proj_bias"]).reshape(B, L, 3, H, D)
+            o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+            return o.reshape(B, L, E) @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+        f = jax.jit(plain)
+    return lambda: f(x).block_until_ready()
+
+
+def inputs_of(B: int, L: int, E: int, dtype: str) -> np.ndarray:
+    """The input ``x`` of :func:`inputs`."""
+    return inputs(B, L, E, dtype)[0]
 
 
 def backward_runner(impl: str, B: int, L: int, E: int, H: int, dtype: str) -> Callable[[], Any]:
@@ -383,10 +440,13 @@ def run_case(mode: str, dtype: str, name: str, shape: tuple[int, int, int, int],
     import torch
 
     B, L, E, H = shape
-    make = forward_runner if mode == "forward" else backward_runner
+    if mode in NATIVE_MODES:
+        make = lambda *a: native_runner(NATIVE_MODES[mode][0], *a)  # noqa: E731
+    else:
+        make = forward_runner if mode == "forward" else backward_runner
     fns = {impl: make(impl, B, L, E, H, dtype) for impl in impls}
     budget, lo, hi = (1.5, 2, 15) if quick else (10.0, 3, 41)
-    with torch.set_grad_enabled(mode != "forward"), OtherLoad() as load:
+    with torch.set_grad_enabled(mode == "forward+backward"), OtherLoad() as load:
         seconds, first, repeats, inner = timed(fns, budget_s=budget, min_repeats=lo,
                                                max_repeats=hi, label=label)
     ref = as_numpy(first["mha_xp"])
@@ -431,7 +491,8 @@ def measure_memory(mode: str, dtype: str, B: int, L: int, E: int, H: int, impl: 
 def measure_all_memory(cases: list[dict[str, Any]], workers: int = 2) -> None:
     """Fill ``peak_extra_bytes`` of every case, one fresh process per
     (case, implementation), ``workers`` at a time."""
-    jobs = [(case, impl) for case in cases for impl in case["seconds"]]
+    jobs = [(case, impl) for case in cases for impl in case["seconds"]
+            if case["mode"] not in NATIVE_MODES]
     bar = Progress(len(jobs), "memory (fresh processes)")
 
     def one(job):
@@ -519,8 +580,11 @@ def mb(nbytes: int | None) -> str:
 
 
 def torch_best(seconds: dict[str, float]) -> tuple[str, float]:
-    return min(((i, seconds[i]) for i in ("torch_module", "torch_functional") if i in seconds),
-               key=lambda t: t[1])
+    """The faster of ``nn.MHA`` and ``F.mha``; where neither ran (the native
+    modes), the fastest peer."""
+    peers = [i for i in ("torch_module", "torch_functional") if i in seconds] or \
+        [i for i in seconds if i != "mha_xp"]
+    return min(((i, seconds[i]) for i in peers), key=lambda t: t[1])
 
 
 def case_table(cases: list[dict[str, Any]], peak_gflops: float) -> str:
@@ -537,33 +601,49 @@ def case_table(cases: list[dict[str, Any]], peak_gflops: float) -> str:
                          f"{c['rel_err_vs_mha_xp'][impl]:.0e}" if impl != "mha_xp" else c["mha_xp_path"],
                          f"{c['other_load_cores']:.1f}" if impl == "mha_xp" else ""))
         best, s = torch_best(t)
-        rows.append(("", f"torch best ({LABELS[best]})", ms(s), f"{ours / s:.2f}", "", "", "", "", ""))
+        who = "torch best" if best in ("torch_module", "torch_functional") else "peer"
+        rows.append(("", f"{who} ({LABELS[best]})", ms(s), f"{ours / s:.2f}", "", "", "", "", ""))
     return table(rows, ("config", "impl", "ms", "mha_xp/this", "GFLOP/s", "% peak", "peak MB",
                         "err / path", "others"))
 
 
 def targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 6's CPU targets (float32, forward), checked on this run."""
-    by = {c["config"]: c["seconds"] for c in cases
-          if c["mode"] == "forward" and c["dtype"] == "float32" and c["config"] in CONFIGS}
+    """Issue 18's targets (float32, ratios of times measured side by side in
+    this run), each met or missed; a target whose cases did not run is left out."""
+    by = {(c["mode"], c["config"]): c["seconds"] for c in cases
+          if c["dtype"] == "float32" and c["config"] in CONFIGS}
     out = []
 
     def check(config: str, what: str, value: float, limit: float, unit: str = "×") -> None:
         out.append({"config": config, "target": what, "value": value, "limit": limit,
                     "met": value <= limit, "unit": unit})
 
-    if "tiny" in by:
-        t = by["tiny"]
-        check("tiny", "mha_xp / hand-written numpy", t["mha_xp"] / t["numpy"], 1.0)
-        check("tiny", "mha_xp time (stretch, µs)", t["mha_xp"] * 1e6, 60.0, "µs")
-    for config in ("small", "medium"):
-        if config in by:
-            t = by[config]
-            check(config, "mha_xp / torch best", t["mha_xp"] / torch_best(t)[1], 1.0)
-    if "long" in by:
-        t = by["long"]
-        check("long", "mha_xp / nn.MHA", t["mha_xp"] / t["torch_module"], 1.0)
-        check("long", "mha_xp / torch best", t["mha_xp"] / torch_best(t)[1], 1.5)
+    def best(t: dict[str, float], impls: tuple[str, ...]) -> float:
+        return min(t[i] for i in impls if i in t)
+
+    torch_all = ("torch_module", "torch_functional", "torch_sdpa")
+    fwd = {config: t for (mode, config), t in by.items() if mode == "forward"}
+    if "tiny" in fwd:
+        t = fwd["tiny"]
+        check("tiny", "forward: mha_xp / hand-written numpy", t["mha_xp"] / t["numpy"], 1.0)
+        check("tiny", "forward: mha_xp / hand-written numpy (stretch)", t["mha_xp"] / t["numpy"], 0.5)
+    if "small" in fwd:
+        check("small", "forward: mha_xp / torch best (nn.MHA, F.mha, SDPA+proj)",
+              fwd["small"]["mha_xp"] / best(fwd["small"], torch_all), 1.0)
+    for config in ("medium", "long"):
+        if config in fwd:
+            check(config, "forward: mha_xp / torch best (nn.MHA, F.mha, SDPA+proj)",
+                  fwd[config]["mha_xp"] / best(fwd[config], torch_all), 0.9)
+    for config in ("small", "medium", "long"):
+        t = by.get(("forward+backward", config))
+        if t is not None:
+            check(config, "forward + backward: mha_xp / torch autograd best",
+                  t["mha_xp"] / best(t, torch_all), 1.0)
+    for (mode, config), t in sorted(by.items()):
+        if mode == "forward, torch inputs":
+            check(config, "torch inputs: mha_xp / SDPA+proj", t["mha_xp"] / t["torch_sdpa"], 1.05)
+        elif mode == "forward, jax.jit":
+            check(config, "jax.jit: mha_xp / jax dpa+proj", t["mha_xp"] / t["jax_dpa"], 1.1)
     return out
 
 
@@ -615,7 +695,7 @@ def rst_report(report: dict[str, Any]) -> str:
              f"memory is the peak extra resident memory of one call, in MB, each in a fresh process.", ""]
     modes = list(dict.fromkeys(c["mode"] for c in report["cases"] if c["config"] in CONFIGS))
     for mode in modes:
-        for dtype in report["options"]["dtypes"]:
+        for dtype in report["options"]["dtypes"] if mode not in NATIVE_MODES else ["float32"]:
             cases = [c for c in report["cases"] if c["mode"] == mode and c["dtype"] == dtype
                      and c["config"] in CONFIGS]
             if not cases:
@@ -650,7 +730,7 @@ def rst_report(report: dict[str, Any]) -> str:
     if report.get("targets"):
         rows = [[t["config"], t["target"], f"{t['value']:.2f}", f"≤ {t['limit']:g}",
                  "met" if t["met"] else "missed"] for t in report["targets"]]
-        parts.append(_list_table("Issue 6's CPU targets (forward, float32)",
+        parts.append(_list_table("Issue 18's targets (float32, side by side in one process)",
                                  ["config", "target", "this run", "target", ""], rows))
     busy = [c for c in report["cases"] if c.get("other_load_cores", 0) > 0.3]
     if busy:
@@ -723,6 +803,9 @@ def main() -> int:
     parser.add_argument("--no-backward", action="store_true", help="skip forward + backward")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep (no plot)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    parser.add_argument("--no-native", action="store_true",
+                        help="skip mha_xp on torch tensors and on JAX arrays under jax.jit against "
+                             "torch's SDPA and jax.nn.dot_product_attention (float32 forward)")
     parser.add_argument("--dtypes", default="float32,float64",
                         help="comma-separated dtypes of the named configs (default float32,float64)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
@@ -768,6 +851,7 @@ def main() -> int:
         "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": describe_machine(),
         "options": {"quick": args.quick, "backward": not args.no_backward, "sweep": not args.no_sweep,
+                    "native": not args.no_native,
                     "memory": not args.no_memory, "dtypes": dtypes, "configs": configs},
         "flop_formula": FLOP_FORMULA,
         "timing": ("median over rounds; implementations interleaved in rotating order, "
@@ -790,6 +874,17 @@ def main() -> int:
             for name in configs:
                 plan.append((mode, dtype, name, CONFIGS[name],
                              FORWARD_IMPLS if mode == "forward" else BACKWARD_IMPLS))
+    if not args.no_native:
+        for mode, (lib, impls, native_configs) in NATIVE_MODES.items():
+            try:
+                __import__(lib)
+            except ImportError:
+                print(f"{lib} is not installed: no {mode!r} cases")
+                continue
+            modes.append(mode)
+            for name in configs:
+                if name in native_configs:
+                    plan.append((mode, "float32", name, CONFIGS[name], impls))
     if not args.no_sweep:
         for L in QUICK_SWEEP_LENGTHS if args.quick else SWEEP_LENGTHS:
             plan.append(("forward", "float32", f"sweep-L{L}", (SWEEP_B, L, SWEEP_E, SWEEP_H),
@@ -802,7 +897,7 @@ def main() -> int:
         measure_all_memory(report["cases"])
 
     for mode in modes:
-        for dtype in dtypes:
+        for dtype in dtypes if mode not in NATIVE_MODES else ["float32"]:
             cases = [c for c in report["cases"] if c["mode"] == mode and c["dtype"] == dtype
                      and c["config"] in CONFIGS]
             if not cases:
@@ -826,7 +921,7 @@ def main() -> int:
               f"(multi-threaded BLAS and OpenMP wait for time slices); rerun on a quiet machine")
     report["targets"] = targets(report["cases"])
     if report["targets"]:
-        print("\nissue 6 targets (forward, float32):")
+        print("\nissue 18 targets (float32; ratios of times side by side in this process):")
         print(table([(t["config"], t["target"], f"{t['value']:.2f}",
                       f"<= {t['limit']:g}", "met" if t["met"] else "MISSED") for t in report["targets"]],
                     ("config", "target", "value", "limit", "")))

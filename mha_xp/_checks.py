@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
+from ._porting import mask_shape_hint
 from ._lib._backends import host_readable
 from ._lib._shapes import broadcasts_to
 from ._lib._namespace import (
     Array,
     common_namespace,
+    device_of,
     dtype_name,
     lib_name,
     require_bool,
     require_real_floating,
 )
+from ._config import num_threads
 from ._spec import LayerCall
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "check_gqa",
     "check_grad",
     "check_mask",
+    "check_num_threads",
     "check_positive_int",
     "check_rotary_base",
     "check_rotary_dim",
@@ -61,6 +65,12 @@ def check_positive_int(name: str, value: Any) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return int(value)
+
+
+def check_num_threads(value: Any) -> int | None:
+    """A call's ``num_threads=`` (None: the number in effect), checked as
+    :func:`~mha_xp.num_threads` checks its own."""
+    return None if value is None else num_threads.check("num_threads", value)
 
 
 def check_chunk_size(chunk_size: Any) -> tuple[int, int] | None:
@@ -109,6 +119,9 @@ def check_scale(scale: Any, head_dim: int, dtype: Any = None,
 
 
 def _broadcast(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    first, *rest = shapes.values()
+    if all(s == first for s in rest):  # the common case, without the loop
+        return tuple(first)
     ndim = max(len(s) for s in shapes.values())
     out = [1] * ndim
     for axis in range(-ndim, 0):
@@ -167,10 +180,32 @@ def _check_broadcasts_to(name: str, shape: tuple[int, ...], target: tuple[int, .
         )
 
 
-def check_mask(mask: Array, target: tuple[int, ...], xp: ModuleType, labels: str) -> None:
-    """A ``mask`` must be boolean (True = may attend) and broadcast to ``target``."""
+def check_mask(mask: Array, target: tuple[int, ...], xp: ModuleType, labels: str, *,
+               layer: bool = False) -> None:
+    """A ``mask`` must be boolean (True = may attend) and broadcast to ``target``.
+
+    The layer (``layer=True``) also refuses, on batched input, a 3-D mask with
+    more than one leading entry: Keras's ``(B, L, S)``, torch's
+    ``(B*H, L, S)`` and a per-head ``(H, L, S)`` all have that rank, and with
+    ``B == H`` a wrong reading would run. A mask that does not broadcast gets
+    a guess at the convention it was written for (:mod:`._porting`)."""
     require_bool("mask", mask, xp, MASK_MEANING)
-    _check_broadcasts_to("mask", tuple(mask.shape), target, labels)
+    shape = tuple(mask.shape)
+    if layer and len(target) == 4 and len(shape) == 3 and shape[0] != 1:
+        B, H, L, S = target
+        raise ValueError(
+            f"mask is a 3-D mask of shape {shape}, ambiguous on batched input: Keras's "
+            f"(B, L, S), torch's (B*H, L, S) and a per-head (H, L, S) all have 3 axes; pass a "
+            f"4-D mask broadcasting "
+            f"to (B, H, L, S) = {target}: (B, 1, L, S) for one mask per batch entry "
+            f"(mask[:, None]), (1, H, L, S) per head (mask[None]), (B, H, L, S) for both "
+            f"(torch's attn_mask: ~attn_mask.reshape({B}, {H}, {L}, {S}))"
+        )
+    if not broadcasts_to(shape, target):
+        raise ValueError(
+            f"mask must broadcast to the attention scores {labels} = {target}, got shape "
+            f"{shape}{mask_shape_hint(shape, target, padding_argument=layer)}"
+        )
 
 
 def check_bias(bias: Array, dtype: Any, target: tuple[int, ...], xp: ModuleType, labels: str) -> None:
@@ -223,6 +258,8 @@ def check_grad(grad: Any, out: Array, *, xp: ModuleType, name: str) -> None:
 def check_flag(name: str, value: Any) -> bool:
     """A yes/no argument: a Python or NumPy bool, or the int 0 or 1; never an
     array, whose truth value would be ambiguous or force a computation."""
+    if value is True or value is False:  # the common case, first
+        return value
     import numpy as np
 
     if isinstance(value, (bool, np.bool_)):
@@ -329,6 +366,8 @@ def check_window(window: Any) -> tuple[int, int] | None:
 
 def check_dropout_p(dropout_p: Any, name: str = "dropout_p") -> float:
     """A dropout probability: a real Python number in ``[0, 1]``, as a float."""
+    if type(dropout_p) is float and 0.0 <= dropout_p <= 1.0:  # the common case, without ABCs
+        return dropout_p
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(
             f"{name} must be a float in [0, 1], got {type(dropout_p).__name__} {dropout_p!r}"
@@ -351,7 +390,7 @@ def check_dropout(dropout_p: Any, seed: Any, *, seed_name: str = "seed",
                 f"{seed_name} must be an int in [0, 2**64) keying the dropout mask, got "
                 f"{type(seed).__name__} {seed!r}"
             )
-        if not 0 <= seed < 2**64:
+        if not 0 <= cast(int, seed) < 2**64:
             raise ValueError(f"{seed_name} must be an int in [0, 2**64), got {seed}")
         seed = int(seed)
     if p == 0.0:
@@ -400,7 +439,7 @@ def check_rotary_dim(rotary_dim: Any, features: int, *, of: str = "head_dim") ->
             f"rotary_dim must be an even int or None, got {type(rotary_dim).__name__} "
             f"{rotary_dim!r}"
         )
-    if not (0 < rotary_dim <= features and rotary_dim % 2 == 0):
+    if not (0 < cast(int, rotary_dim) <= features and rotary_dim % 2 == 0):
         raise ValueError(
             f"rotary_dim must be an even int in [2, {features}] ({of} = {features}), "
             f"got {rotary_dim}"
@@ -474,8 +513,6 @@ def check_cu_seqlens(name: str, cu: Array, length: int, xp: ModuleType,
     where that is the default, as in JAX without x64): the differences of
     query and key boundaries taken from it are signed, and unsigned dtypes
     would wrap around (torch has no comparisons for uint16 to uint64 either)."""
-    from array_api_compat import device as device_of
-
     if xp.isdtype(cu.dtype, "bool") or not xp.isdtype(cu.dtype, "integral"):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype_name(cu.dtype)}")
     if cu.ndim != 1 or cu.shape[0] < 2:
@@ -526,6 +563,13 @@ def check_weights_fit(peak: int, available: int | None, shape: tuple[int, ...],
     )
 
 
+def _move_hint(xp: ModuleType, device: Any) -> Callable[[], str]:
+    """How to move a layer to its inputs, for an error message: worded only
+    when there is an error (a call without one never formats it)."""
+    return lambda: (f"move the layer with layer.to(xp=..., device=...) (it holds "
+                    f"{lib_name(xp)} arrays on {device})")
+
+
 def _layer_inputs(query: Array, key: Array | None, value: Array | None, *, xp: ModuleType,
                   device: Any, dtype: Any, config: Any) -> tuple[Array, Array, str, str]:
     """The layer's key and value (defaulted), checked against the layer's
@@ -536,9 +580,7 @@ def _layer_inputs(query: Array, key: Array | None, value: Array | None, *, xp: M
         key = query if value is None else value
     if value is None:
         value = key
-    hint = (f"move the layer with layer.to(xp=..., device=...) (it holds "
-            f"{lib_name(xp)} arrays on {device})")
-    common_namespace((xp, device, hint), query=query, key=key, value=value)
+    common_namespace((xp, device, _move_hint(xp, device)), query=query, key=key, value=value)
     for name, x in (("query", query), ("key", key), ("value", value)):
         require_real_floating(name, x, xp)
         if x.dtype != dtype:
@@ -583,16 +625,16 @@ def check_layer_call(
     ``kdim``, ``vdim``, ``num_heads``) and bring it to batched form."""
     key, value, key_src, value_src = _layer_inputs(query, key, value, xp=xp, device=device,
                                                    dtype=dtype, config=config)
-    hint = (f"move the layer with layer.to(xp=..., device=...) (it holds "
-            f"{lib_name(xp)} arrays on {device})")
-    common_namespace((xp, device, hint), key_padding_mask=key_padding_mask, mask=mask, bias=bias)
+    if key_padding_mask is not None or mask is not None or bias is not None:
+        common_namespace((xp, device, _move_hint(xp, device)),
+                         key_padding_mask=key_padding_mask, mask=mask, bias=bias)
     batched = query.ndim == 3
     chunk_size = check_chunk_size(chunk_size)
     L, S = query.shape[-2], key.shape[-2]
     scores_shape = ((query.shape[0],) if batched else ()) + (config.num_heads, L, S)
     labels = "(B, H, L, S)" if batched else "(H, L, S)"
     if mask is not None:
-        check_mask(mask, scores_shape, xp, labels)
+        check_mask(mask, scores_shape, xp, labels, layer=True)
     if bias is not None:
         check_bias(bias, dtype, scores_shape, xp, labels)
     if key_padding_mask is not None:

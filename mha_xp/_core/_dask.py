@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from array_api_compat import array_namespace, device as device_of
 
@@ -91,9 +91,12 @@ def _block_task(
     work = compute_dtype(q.dtype, xp)
     local = plan_local(lead, i1 - i0, s_end, xp.finfo(work).bits // 8, spec,
                        Request(plan.return_weights, True, plan.blocks), plan.budget)
-    out, weights, (m, l) = _execute.run(q, k, v, spec, block, local, xp=xp)
+    # The local plan asks for the statistics (Request(..., True, ...)), so they are not None.
+    out, weights, (m, l) = cast("tuple[Array, Array | None, tuple[Array, Array]]",
+                                _execute.run(q, k, v, spec, block, local, xp=xp))
     if not plan.return_weights:
         return out, m, l
+    weights = cast(Array, weights)  # asked for by plan.return_weights
     if s_end < S:
         # Zeros for the keys dropped above; NaN for a poisoned row (l = NaN,
         # see _finite), whose weights are NaN throughout.

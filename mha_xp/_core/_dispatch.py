@@ -1,20 +1,24 @@
 """The core's two entry points: attention under a plan, and its backward.
 
-Grouped-query attention is reshaped here (:mod:`._gqa`), then the plan's
-executor runs: the Dask executor for Dask arrays, the dense or the chunked
-one for eager arrays (:mod:`._execute`).
+A whole call that the array library's own kernel computes with the same
+semantics goes to it (:mod:`._native`); otherwise grouped-query attention
+is reshaped here (:mod:`._gqa`), then the plan's executor runs: the Dask
+executor for Dask arrays, the dense or the chunked one for eager arrays
+(:mod:`._execute`).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import cast
 
 from .._lib._namespace import Array, compute_dtype
 from .._lib._shapes import broadcast_lead
 from .._spec import AttentionSpec, Block, Plan
 from . import _dask, _execute
-from ._backward import Saved, attention_backward
+from ._backward import Saved
 from ._finite import underflow_ignored
+from ._native import native_attend
 from ._gqa import gqa_groups, group_spec, split_heads, ungroup
 from ._plan import default_blocks, plan_blocks
 
@@ -32,6 +36,11 @@ def attend(query: Array, key: Array, value: Array, spec: AttentionSpec, plan: Pl
     ``(P * Z / (1 - p)) V`` while ``weights`` and ``stats`` are those of the
     softmax ``P`` before dropout.
     """
+    if block is None:  # a whole call: the library's own kernel, where it computes the same
+        out = native_attend(query, key, value, spec, plan, xp=xp, portable=lambda q, k, v: attend(
+            q, k, v, spec, plan, xp=xp, block=Block())[0])
+        if out is not None:
+            return out, None, None
     block = Block() if block is None else block
     groups = gqa_groups(query, key, value)
     if groups is not None:
@@ -39,8 +48,9 @@ def attend(query: Array, key: Array, value: Array, spec: AttentionSpec, plan: Pl
         out, weights, stats = attend(
             split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
             xp.expand_dims(value, axis=-3), gspec, plan, xp=xp, block=gblock)
-        return (ungroup(out, 2, xp), ungroup(weights, 2, xp),
-                None if stats is None else tuple(ungroup(t, 1, xp) for t in stats))
+        return cast("tuple[Array, Array | None, tuple[Array, Array] | None]",
+                    (ungroup(out, 2, xp), ungroup(weights, 2, xp),
+                     None if stats is None else tuple(ungroup(t, 1, xp) for t in stats)))
     if plan.executor == "dask":
         return _dask.attend_blocks(query, key, value, spec, plan, xp=xp)
     return _execute.run(query, key, value, spec, block, plan, xp=xp)
@@ -70,23 +80,27 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
                                             gspec, chunk_size, xp=xp)
         return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
                 xp.reshape(dv, tuple(value.shape)),
-                None if dbias is None else xp.reshape(dbias, tuple(spec.bias.shape)))
+                None if dbias is None else xp.reshape(dbias, tuple(cast(Array, spec.bias).shape)))
     L, S = query.shape[-2], key.shape[-2]
     lead = broadcast_lead(query, key, value)
-    blocks = (plan_blocks(lead, L, S, 0, chunk_size, 0) if chunk_size is not None
-              else default_blocks(lead, L, S))
+    # Not None: a chunk_size forces plan_blocks onto the chunked path.
+    blocks = cast("tuple[int, int]", plan_blocks(lead, L, S, 0, chunk_size, 0)
+                  if chunk_size is not None else default_blocks(lead, L, S))
     bias_shape = None if spec.bias is None else tuple(spec.bias.shape)
     dtype = query.dtype
     work = compute_dtype(dtype, xp)
     with underflow_ignored(xp):  # as in the forward (_execute.run)
         if work != dtype:
-            saved = Saved(*(xp.astype(t, work) for t in (query, key, value, saved.out)),
-                          saved.stats)
+            # mypy cannot count the starred generator's four items.
+            saved = Saved(  # type: ignore[call-arg]
+                *(xp.astype(t, work) for t in (query, key, value, saved.out)), saved.stats)
             grad_out = xp.astype(grad_out, work)
-        grads = attention_backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
-                                   blocks, xp=xp)
-        if bias_shape is not None and tuple(grads[3].shape) != bias_shape:
+        grads = _execute.backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
+                                  blocks, xp=xp)
+        # A bias (bias_shape) has a gradient (grads[3]).
+        if bias_shape is not None and tuple(cast(Array, grads[3]).shape) != bias_shape:
             grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
         if work != dtype:
-            grads = tuple(None if g is None else xp.astype(g, dtype) for g in grads)
+            grads = cast("tuple[Array, Array, Array, Array | None]",
+                         tuple(None if g is None else xp.astype(g, dtype) for g in grads))
     return grads

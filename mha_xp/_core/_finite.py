@@ -21,6 +21,13 @@ entries come back as NaN where they were seen:
   scores. Poisoned rows keep their shift ``m`` and carry ``l = NaN`` in
   the statistics, so that ``lse = m + log l`` is NaN and the backward can
   tell them.
+- all finite: when the inputs' values can be read for free (host memory,
+  eager: :func:`~mha_xp._lib._backends.host_readable`) one check per input
+  tells that none holds a non-finite entry, and then the executor sees the
+  inputs as they are (the value with a flag column of zeros, which keeps
+  the bits of the products) and nothing is poisoned: the same numbers,
+  without the stand-ins' passes.
+  Lazy, traced and device arrays always take the stand-ins.
 - backward: a row whose output or upstream gradient is not finite (a
   poisoned row among them) gives NaN gradients to its query and to every
   key and value it gives a non-zero weight, and NaN bias gradients at those
@@ -35,13 +42,12 @@ import math
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device as device_of
-
-from .._lib._backends import writes_in_place
+from .._lib._backends import host_readable, writes_in_place
 from .._lib._inplace import zero_unless, zero_unless_then
-from .._lib._namespace import Array
+from .._lib._namespace import Array, device_of
 
-__all__ = ["finite_part", "finite_values", "poison_rows", "underflow_ignored"]
+__all__ = ["all_finite", "finite_part", "finite_values", "poison_rows", "stand_ins",
+           "underflow_ignored"]
 
 
 def underflow_ignored(xp: ModuleType) -> contextlib.AbstractContextManager[Any]:
@@ -60,6 +66,40 @@ def underflow_ignored(xp: ModuleType) -> contextlib.AbstractContextManager[Any]:
     being raised on valid input)."""
     errstate = getattr(xp, "errstate", None)
     return contextlib.nullcontext() if errstate is None else errstate(under="ignore")
+
+
+def all_finite(*arrays: Array, xp: ModuleType) -> bool:
+    """Whether every entry of ``arrays`` is finite, where that is free to
+    read (:func:`~mha_xp._lib._backends.host_readable`); False where it is
+    not (a lazy, traced or device array), so that the caller takes the
+    stand-ins, which are right in every case.
+
+    ``isfinite`` then ``all``, not a sum (finite only if every term is, but
+    NumPy warns of ``inf - inf`` and of overflow, and a user's
+    ``np.errstate(all="raise")`` would turn that into an error)."""
+    if not all(host_readable(a) for a in arrays):
+        return False
+    return all(bool(xp.all(xp.isfinite(a))) for a in arrays)
+
+
+def stand_ins(query: Array, key: Array, value: Array, /, *, xp: ModuleType,
+              ) -> tuple[Array, Array, Array, Array | None]:
+    """``(query, key, value, query_bad)`` as an executor sees them: when
+    they are all finite (:func:`all_finite`), the query and key as they are,
+    the value with a flag column of zeros and ``query_bad`` None; else their
+    finite stand-ins (:func:`finite_part`), the value with its flag column
+    (:func:`finite_values`) and the rows of the query that held a
+    non-finite entry, for :func:`poison_rows`."""
+    if all_finite(query, key, value, xp=xp):
+        # The flag column all zeros, so that the matrix products have the
+        # shapes, and so the bits, of the stand-ins' (a row that sees no
+        # non-finite entry must not change when another row does).
+        flags = xp.zeros(tuple(value.shape[:-1]) + (1,), dtype=value.dtype,
+                         device=device_of(value))
+        return query, key, xp.concat([value, flags], axis=-1), None
+    query, query_bad = finite_part(query, xp=xp)
+    key, key_bad = finite_part(key, xp=xp)
+    return query, key, finite_values(value, key_bad, xp=xp), query_bad
 
 
 def finite_part(x: Array, /, *, xp: ModuleType, in_place: bool | None = None,
@@ -90,13 +130,17 @@ def finite_values(value: Array, key_bad: Array, /, *, xp: ModuleType,
 
 
 def poison_rows(out: Array, weights: Array | None, stats: tuple[Array, Array],
-                query_bad: Array, /, *, xp: ModuleType,
+                query_bad: Array | None, /, *, xp: ModuleType,
                 ) -> tuple[Array, Array | None, tuple[Array, Array]]:
     """Split the flag column off ``out (..., L, Dv + 1)`` (from values made by
     :func:`finite_values`) and poison the rows that saw a non-finite
     key or value, or whose query (``query_bad``, broadcastable to the rows)
-    held one while they see a key: NaN output and weights, ``l = NaN``."""
+    held one while they see a key: NaN output and weights, ``l = NaN``.
+    ``query_bad`` None (:func:`stand_ins` found every input finite): the
+    flag column is split off, nothing is poisoned."""
     Dv = out.shape[-1] - 1
+    if query_bad is None:
+        return out[..., :Dv], weights, stats
     m, l = stats
     dev = device_of(l)
     zero = xp.zeros((), dtype=l.dtype, device=dev)

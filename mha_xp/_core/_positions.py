@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from .._lib._namespace import Array
 from .._lib._random import dropout_keep
@@ -113,6 +113,9 @@ def positional(
     triangle, the window and the packed sequences (None: all allowed), and
     the ALiBi bias ``-slope * |rel|`` (None without ALiBi).
     """
+    if not spec.is_causal and spec.window is None and spec.neg_slopes is None \
+            and spec.q_seg is None:  # nothing depends on positions: the common case, first
+        return None, None
     if spec.q_diag is None:
         lo, hi = _static_bounds(spec, rows, cols, offset)
     else:
@@ -128,9 +131,9 @@ def positional(
         allowed = rel >= lo
     if hi is not None:
         allowed = combine(allowed, rel <= hi, xp=xp)
-    if segments:
-        same = (xp.expand_dims(spec.q_seg[rows], axis=1)
-                == xp.expand_dims(spec.k_seg[cols], axis=0))
+    if segments:  # spec.q_seg is not None; packed batches give k_seg with it
+        same = (xp.expand_dims(cast(Array, spec.q_seg)[rows], axis=1)
+                == xp.expand_dims(cast(Array, spec.k_seg)[cols], axis=0))
         allowed = combine(allowed, same, xp=xp)
     bias = None
     if slopes is not None:
@@ -167,7 +170,7 @@ def dropout_scale(
     if spec.dropout is None:
         return None
     p, seed = spec.dropout
-    index = block.lead_index
+    index = cast(Array, block.lead_index)  # filled by with_lead_index when dropout is on
     lead = tuple(index.shape)
     r0 = block.row_start
     n, m = rows.stop - rows.start, cols.stop - cols.start

@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from array_api_compat import device as device_of
-
 from .._lib._inplace import add_into, softcap_into
-from .._lib._namespace import Array
+from .._lib._namespace import Array, device_of
 from .._lib._shapes import slice_block
 from .._spec import AttentionSpec
 from ._positions import combine, positional

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from array_api_compat import (
@@ -33,7 +33,9 @@ __all__ = [
     "host_readable",
     "is_dask",
     "is_plain_numpy",
+    "is_traced",
     "memory_available",
+    "native_attention_library",
     "non_strided_layout",
     "register_pytree",
     "writes_in_place",
@@ -59,9 +61,33 @@ def writes_in_place(xp: ModuleType) -> bool:
 def host_readable(x: Any) -> bool:
     """Whether reading values of ``x`` is free: an eager array in host memory
     (NumPy, array-api-strict, torch on the CPU), never a GPU, lazy or traced one."""
-    if is_numpy_array(x) or is_array_api_strict_namespace(array_namespace(x)):
+    if is_plain_numpy(x) or is_numpy_array(x) or is_array_api_strict_namespace(array_namespace(x)):
         return True
     return is_torch_array(x) and x.device.type == "cpu"
+
+
+def native_attention_library(x: Any) -> str | None:
+    """Which native attention kernel the library of ``x`` has, where mha_xp
+    may delegate to it (:mod:`mha_xp._core._native`): ``"torch"`` for a
+    torch tensor in host memory (``torch.nn.functional.
+    scaled_dot_product_attention``; on other devices the all-finite check
+    that delegation needs is not free), ``"jax"`` for a JAX array, traced or
+    not (``jax.nn.dot_product_attention``); None otherwise."""
+    if type(x) is np.ndarray:  # the common case, answered first
+        return None
+    if is_torch_array(x):
+        return "torch" if x.device.type == "cpu" else None
+    return "jax" if is_jax_array(x) else None
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer (inside ``jax.jit``, ``jax.grad``, ...),
+    whose values cannot be read in Python."""
+    if not is_jax_array(x):
+        return False
+    import jax  # already imported: x is a JAX array
+
+    return isinstance(x, jax.core.Tracer)
 
 
 def non_strided_layout(x: Any) -> str | None:
@@ -224,7 +250,7 @@ def _cgroup_available(proc_cgroup: str, cgroup_root: str) -> int | None:
             limits = [_read_int(os.path.join(d, "memory.limit_in_bytes")),
                       stat.get("hierarchical_memory_limit")]
             limits = [v for v in limits if v is not None and v < _UNLIMITED]
-            limit = min(limits) if limits else None
+            limit = min(cast("list[int]", limits)) if limits else None
             usage = _read_int(os.path.join(d, "memory.usage_in_bytes"))
             cache = stat.get("total_inactive_file", stat.get("inactive_file", 0))
         if limit is None:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from array_api_compat import device as device_of
-
 from ._backends import writes_in_place
-from ._namespace import Array
+from ._namespace import Array, device_of
 from ._shapes import broadcast_shapes, broadcasts_to
 
 __all__ = [

@@ -6,33 +6,67 @@ sees about namespaces, devices or dtypes is worded here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import array_api_compat
 import array_api_compat.numpy as _compat_numpy
+import numpy as _numpy
 from array_api_compat import array_namespace, device, is_array_api_obj
 
 from ._backends import is_plain_numpy, non_strided_layout
 
 Array = Any
 
+# NumPy 2.1 and later implement every function of the standard that mha_xp
+# calls (``astype`` and ``matrix_transpose`` were the last, in 2.1 and 2.0),
+# with the standard's signatures: array-api-compat's wrappers of them
+# (``asarray``, ``astype``, ``zeros``, ``matmul``, ``matrix_transpose``,
+# ``permute_dims``, ...) only check ``device`` and forward the call, at about
+# a microsecond each, which is most of a tiny call's cost.
+_NUMPY_IS_STANDARD = _numpy.lib.NumpyVersion(_numpy.__version__) >= "2.1.0"
 
-def _namespace_and_device(x: Array) -> tuple[ModuleType, Any]:
-    """``array_namespace(x)`` and ``device(x)``, with a shortcut for plain
-    NumPy arrays (the common case, where this lookup is a measurable share of
-    a small call)."""
+
+def compute_namespace(xp: ModuleType) -> ModuleType:
+    """The namespace to compute with for the array-API-compatible namespace
+    ``xp``: NumPy itself in place of ``array_api_compat.numpy`` where NumPy
+    implements the standard (>= 2.1), ``xp`` otherwise.
+
+    The one place that knows the two are interchangeable: the rest of
+    mha_xp computes with whichever this returns (array-api-strict and the
+    other libraries are unaffected), and the public faces keep showing the
+    compat namespace (``layer.xp``)."""
+    return _numpy if xp is _compat_numpy and _NUMPY_IS_STANDARD else xp
+
+
+_PLAIN_NUMPY = compute_namespace(_compat_numpy)
+
+
+def device_of(x: Array) -> Any:
+    """``array_api_compat.device(x)``, with a shortcut for plain NumPy arrays
+    (always on ``"cpu"``), for which the general lookup costs a microsecond."""
+    return "cpu" if is_plain_numpy(x) else device(x)
+
+
+def namespace_and_device(x: Array) -> tuple[ModuleType, Any]:
+    """The namespace to compute with (:func:`compute_namespace`) and
+    ``device(x)``, with a shortcut for plain NumPy arrays (the common case,
+    where this lookup is a measurable share of a small call)."""
     if is_plain_numpy(x):
-        return _compat_numpy, "cpu"
-    return array_namespace(x), device(x)
+        return _PLAIN_NUMPY, "cpu"
+    return compute_namespace(array_namespace(x)), device(x)
 
 __all__ = [
     "Array",
     "common_namespace",
     "compute_dtype",
+    "compute_namespace",
     "convert",
+    "device_of",
     "dtype_name",
     "lib_name",
+    "namespace_and_device",
     "normalize_namespace",
     "require_bool",
     "require_real_floating",
@@ -99,8 +133,33 @@ def _require_array(name: str, x: Any) -> None:
         )
 
 
+def _mismatch(name: str, x_xp: ModuleType, x_dev: Any, first: str | None, xp: ModuleType,
+              dev: Any, hint: Any) -> None:
+    """Raise the error of :func:`common_namespace` for array ``name`` of
+    ``x_xp`` on ``x_dev``, where ``first`` (None: the layer's weights) is
+    of ``xp`` on ``dev``; worded only when raised."""
+    if first is None:  # checking against a layer
+        where_ns = f"the layer's weights are {lib_name(xp)} arrays"
+        where_dev = f"the layer's weights are on device {dev}"
+        fix = hint() if callable(hint) else hint
+    else:
+        where_ns = f"{first} is {_a(lib_name(xp))} array"
+        where_dev = f"{first} is on device {dev}"
+        fix = "pass all arrays from one library, on one device"
+    if x_xp is not xp:
+        raise TypeError(
+            f"{name} is {_a(lib_name(x_xp))} array but {where_ns}; "
+            f"mha_xp never converts between array libraries: {fix}"
+        )
+    raise ValueError(
+        f"{name} is on device {x_dev} but {where_dev}; "
+        f"mha_xp never moves arrays between devices: {fix}"
+    )
+
+
 def common_namespace(
-    expected: tuple[ModuleType, Any, str] | None = None, /, **arrays: Array | None
+    expected: tuple[ModuleType, Any, str | Callable[[], str]] | None = None, /,
+    **arrays: Array | None
 ) -> tuple[ModuleType, Any]:
     """Return the namespace and device shared by the named arrays.
 
@@ -112,15 +171,17 @@ def common_namespace(
     ----------
     expected : tuple of (namespace, device, hint), optional
         When given (a layer's namespace and device), every array must match
-        it; ``hint`` is appended to the error message and says how to move
-        the layer.
+        it; ``hint`` (a string, or a function that makes it, called only for
+        an error message) is appended to the error message and says how to
+        move the layer.
     **arrays
         The arrays to check, by argument name.
 
     Returns
     -------
     xp : module
-        The array-API-compatible namespace.
+        The namespace to compute with (:func:`compute_namespace` of the
+        array-API-compatible one).
     device : object
         The common device.
 
@@ -131,37 +192,22 @@ def common_namespace(
     ValueError
         If the devices differ.
     """
-    xp = dev = first = None
+    xp = dev = first = hint = None
     if expected is not None:
         xp, dev, hint = expected
+        xp = compute_namespace(xp)
     for name, x in arrays.items():
         if x is None:
             continue
         _require_array(name, x)
-        x_xp, x_dev = _namespace_and_device(x)
+        x_xp, x_dev = namespace_and_device(x)
         if xp is None:
             xp, dev, first = x_xp, x_dev, name
             continue
-        if first is None:  # checking against a layer
-            where_ns = f"the layer's weights are {lib_name(xp)} arrays"
-            where_dev = f"the layer's weights are on device {dev}"
-            fix = hint
-        else:
-            where_ns = f"{first} is {_a(lib_name(xp))} array"
-            where_dev = f"{first} is on device {dev}"
-            fix = "pass all arrays from one library, on one device"
-        if x_xp is not xp:
-            raise TypeError(
-                f"{name} is {_a(lib_name(x_xp))} array but {where_ns}; "
-                f"mha_xp never converts between array libraries: {fix}"
-            )
         # A device of None is unknown, not different: JAX reports None for
         # arrays traced under jax.jit (jax-ml/jax#26000).
-        if x_dev != dev and x_dev is not None and dev is not None:
-            raise ValueError(
-                f"{name} is on device {x_dev} but {where_dev}; "
-                f"mha_xp never moves arrays between devices: {fix}"
-            )
+        if x_xp is not xp or (x_dev != dev and x_dev is not None and dev is not None):
+            _mismatch(name, x_xp, x_dev, first, xp, dev, hint)
     if xp is None:
         raise TypeError("no array was given")
     return xp, dev
@@ -170,7 +216,9 @@ def common_namespace(
 def require_real_floating(name: str, x: Array, xp: ModuleType) -> None:
     """Raise ``TypeError`` unless ``x`` is an array with a real floating dtype."""
     _require_array(name, x)
-    if not xp.isdtype(x.dtype, "real floating"):
+    # NumPy's isdtype parses its arguments in Python; a plain ndarray's
+    # kind answers the same question ("f": float16 to longdouble).
+    if (x.dtype.kind != "f") if is_plain_numpy(x) else not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
             f"{name} must have a real floating dtype (float16, float32 or float64), "
             f"got {dtype_name(x.dtype)}"

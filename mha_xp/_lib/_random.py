@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from array_api_compat import device as array_device
 
@@ -129,7 +129,7 @@ def _index(name: str, value: Any, xp: ModuleType, device: Any) -> Array:
             )
         return xp.arange(value.start, value.stop, value.step, dtype=xp.int32, device=device)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if not 0 <= value < _INDEX_LIMIT:
+        if not 0 <= cast(int, value) < _INDEX_LIMIT:
             raise ValueError(f"{name} must be an index in [0, 2**31), got {value}")
         return xp.asarray([int(value)], dtype=xp.int32, device=device)
     if not hasattr(value, "dtype") or not hasattr(value, "shape"):
@@ -151,9 +151,9 @@ def _check_seed64(seed: Any) -> int:
             "seed must be a non-negative int for dropout (the mask is a function of "
             f"the seed and the positions), got {type(seed).__name__} {seed!r}"
         )
-    if seed < 0:
+    if cast(int, seed) < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed}")
-    if seed >= 2**64:
+    if cast(int, seed) >= 2**64:
         raise ValueError(f"seed must be below 2**64, got {seed}")
     return int(seed)
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from array_api_compat import device as device_of
-
-from ._namespace import Array
+from ._namespace import Array, device_of
 
 __all__ = ["at_least_2d", "broadcast_lead", "broadcasts_to", "broadcast_shapes", "expand", "slice_block",
            "unbroadcast"]
@@ -16,12 +14,17 @@ __all__ = ["at_least_2d", "broadcast_lead", "broadcasts_to", "broadcast_shapes",
 def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     """Whether an array of ``shape`` broadcasts to ``target`` (without
     growing it: every axis 1 or equal, trailing-aligned, no extra axes)."""
+    if shape == target:
+        return True
     return len(shape) <= len(target) and all(
         s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     """The broadcast of shapes already known to broadcast (a size-0 axis stays 0)."""
+    first = shapes[0]
+    if all(s == first for s in shapes):  # the common case, without the loop
+        return tuple(first)
     ndim = max(len(s) for s in shapes)
     out = []
     for axis in range(-ndim, 0):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from array_api_compat import array_namespace, device as device_of
 
 from .._checks import check_cache_arrays
 from .._lib._backends import register_pytree
-from .._lib._namespace import Array
+from .._lib._namespace import Array as AnyArray
+from .._lib._namespace import namespace_and_device
+from ..typing import Array
 
 __all__ = ["CacheOwner", "KVCache"]
 
@@ -110,7 +111,7 @@ class KVCache:
 
     key: Array
     value: Array
-    length: Array
+    length: Array | int  # an int is converted to an array by __post_init__
     owner: CacheOwner | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,7 +119,7 @@ class KVCache:
         _register(self.key)
 
     @classmethod
-    def _assemble(cls, key: Array, value: Array, length: Array,
+    def _assemble(cls, key: AnyArray, value: AnyArray, length: AnyArray,
                   owner: CacheOwner | None) -> KVCache:
         """A cache of fields known to be valid, without checking them again:
         for :meth:`append` and for JAX, whose unflattening may pass any
@@ -160,9 +161,9 @@ class KVCache:
         every slot, ``where`` the slot is being written), so it needs no
         in-place update and no data-dependent shape.
         """
-        xp = array_namespace(self.key)
+        xp, dev = namespace_and_device(self.key)
         M, n = self.key.shape[-2], key.shape[-2]
-        rel = xp.arange(M, device=device_of(self.key)) - self.length
+        rel = xp.arange(M, device=dev) - self.length
         write = xp.logical_and(rel >= 0, rel < n)
         index = xp.where(write, rel, xp.zeros_like(rel))
         write = xp.reshape(write, (M, 1))
@@ -173,10 +174,11 @@ class KVCache:
         )
 
 
-def _register(like: Array) -> None:
+def _register(like: AnyArray) -> None:
     """Make :class:`KVCache` a JAX pytree once JAX arrays are in use, so that
     a cache passes through ``jax.jit`` and ``jax.lax.scan``: its three arrays
     are the leaves, its owner the static part (a cache of another layer is
     another tree structure, never mistaken for this layer's)."""
     register_pytree(KVCache, lambda c: ((c.key, c.value, c.length), c.owner),
-                    lambda owner, leaves: KVCache._assemble(*leaves, owner), like)
+                    lambda owner, leaves: KVCache._assemble(
+                        *cast("tuple[AnyArray, AnyArray, AnyArray]", leaves), owner), like)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from .._core._backward import Saved
 from .._core._dispatch import attend_backward
-from .._lib._namespace import Array, compute_dtype
+from .._lib._namespace import Array, compute_dtype, compute_namespace
 from .._lib._shapes import unbroadcast
 from .._run import run_attention
 from .._spec import AttentionSpec, LayerCall, Request
@@ -44,13 +44,41 @@ NORM_EPS = 1e-6
 
 @dataclass(frozen=True)
 class LayerState:
-    """A layer's weights and configuration, as the forward reads them."""
+    """A layer's weights and configuration, as the forward reads them: made
+    once per layer (:meth:`prepare`), since a layer never changes.
+
+    Attributes
+    ----------
+    params : dict of str to array
+        The weights, under their state-dict names.
+    config : LayerConfig
+    xp : module
+        The namespace to compute with
+        (:func:`~mha_xp._lib._namespace.compute_namespace` of the layer's).
+    device, dtype
+        The weights' device and dtype.
+    neg_slopes : array or None
+        Minus the ALiBi slopes ``(H, 1, 1)`` in the compute dtype, for an
+        ALiBi layer.
+    """
 
     params: dict[str, Array]
     config: LayerConfig
     xp: ModuleType
     device: Any
     dtype: Any
+    neg_slopes: Array | None = None
+
+    @classmethod
+    def prepare(cls, params: dict[str, Array], config: LayerConfig, xp: ModuleType, device: Any,
+                dtype: Any) -> LayerState:
+        """The state of a layer of validated ``params`` in namespace ``xp``."""
+        xp = compute_namespace(xp)
+        neg_slopes = None
+        if config.alibi is not None:
+            neg_slopes = xp.reshape(-xp.asarray(config.alibi, dtype=compute_dtype(dtype, xp),
+                                                device=device), (config.num_heads, 1, 1))
+        return cls(params, config, xp, device, dtype, neg_slopes)
 
 
 @dataclass(frozen=True)
@@ -62,7 +90,7 @@ class Residuals:
     projections before QK norm; ``q``/``k``/``v`` what the core attended
     with (after norm, RoPE, the cache and the extra keys); ``heads`` and
     ``stats`` its output and row statistics; ``merged`` the heads merged
-    back to ``(B, L, E)``; ``pos_q``/``pos_k`` the rotary positions; ``S``
+    back to ``(B, L, E)``; ``pos_q``/``pos_k`` the rotary positions (None without RoPE); ``S``
     the number of real keys.
     """
 
@@ -78,8 +106,8 @@ class Residuals:
     stats: tuple[Array, Array]
     merged: Array
     spec: AttentionSpec
-    pos_q: Array
-    pos_k: Array
+    pos_q: Array | None
+    pos_k: Array | None
     S: int
 
 
@@ -102,18 +130,14 @@ def layer_spec(state: LayerState, call: LayerCall, *, is_causal: bool, key_keep:
         mask = None if mask is None else pad_last(mask, n_keys, n_extra, True, xp)
         bias = None if bias is None else pad_last(bias, n_keys, n_extra, 0.0, xp)
         key_keep = None if key_keep is None else pad_last(key_keep, n_keys, n_extra, True, xp)
-    neg_slopes = None
-    if c.alibi is not None:
-        work = compute_dtype(state.dtype, xp)
-        neg_slopes = xp.reshape(-xp.asarray(c.alibi, dtype=work, device=state.device),
-                                (c.num_heads, 1, 1))
     q_diag = None
     if cache is not None:  # query i sits at the cache's length + i: it sees the slots up to it
         q_diag = xp.arange(call.query.shape[1], device=state.device) + cache.length
-    window = None if c.window is None else tuple(-1 if n is None else n for n in c.window)
+    window = (None if c.window is None
+              else cast("tuple[int, int]", tuple(-1 if n is None else n for n in c.window)))
     return AttentionSpec(
         scale=1.0 / math.sqrt(c.head_dim), mask=mask, key_keep=key_keep, bias=bias,
-        is_causal=is_causal, window=window, softcap=c.softcap, neg_slopes=neg_slopes,
+        is_causal=is_causal, window=window, softcap=c.softcap, neg_slopes=state.neg_slopes,
         q_diag=q_diag, dropout=dropout, free_from=n_keys if n_extra else None)
 
 
@@ -151,10 +175,11 @@ def layer_forward(
         k = qk_layer_norm(k, p["k_norm.weight"], eps=NORM_EPS, xp=xp)
     # Positions: bottom-right aligned (query i sits at key position
     # i + S - L), and continuing from the cache's length when decoding.
-    start = (S - L) if cache is None else cache.length
-    pos_q = xp.arange(L, device=state.device) + start
-    pos_k = xp.arange(S, device=state.device) + (0 if cache is None else cache.length)
+    pos_q = pos_k = None
     if c.rotary:
+        start = (S - L) if cache is None else cache.length
+        pos_q = xp.arange(L, device=state.device) + start
+        pos_k = xp.arange(S, device=state.device) + (0 if cache is None else cache.length)
         q, k = _rotate(c, q, pos_q, inverse=False), _rotate(c, k, pos_k, inverse=False)
     if cache is not None:
         new_cache = cache.append(k, v)
@@ -170,8 +195,9 @@ def layer_forward(
         out = out[0, ...]
     res = None
     if request.return_stats:
-        res = Residuals(key, value, keep, q_in, k_in, q, k, v, heads, stats, merged, spec,
-                        pos_q, pos_k, S)
+        # return_stats: run_attention returned the statistics.
+        res = Residuals(key, value, keep, q_in, k_in, q, k, v, heads,
+                        cast("tuple[Array, Array]", stats), merged, spec, pos_q, pos_k, S)
     return out, weights, res, (new_cache if cache is not None else None)
 
 
@@ -197,7 +223,8 @@ def layer_backward(state: LayerState, call: LayerCall, res: Residuals,
         dk, dv, extra = extras_backward(c, dk, dv, res.S, xp)
         grads |= extra
         dbias = None if dbias is None else dbias[..., :res.S]
-    if call.bias is not None and tuple(dbias.shape) != tuple(call.bias.shape):
+    # A bias given: attend_backward returned its gradient.
+    if call.bias is not None and tuple(cast(Array, dbias).shape) != tuple(call.bias.shape):
         dbias = unbroadcast(dbias, tuple(call.bias.shape), xp=xp)
     if c.rotary:
         dq, dk = _rotate(c, dq, res.pos_q, inverse=True), _rotate(c, dk, res.pos_k, inverse=True)
@@ -226,7 +253,7 @@ def _input_grads(state: LayerState, call: LayerCall, res: Residuals, d_in: list[
         by_source[src] = by_source[src] + d if src in by_source else d
     if not call.batched:
         by_source = {n: g[0, ...] for n, g in by_source.items()}
-    out = {n: by_source[n] for n in ("query", "key", "value") if n in by_source}
+    out: dict[str, Array] = {n: by_source[n] for n in ("query", "key", "value") if n in by_source}
     if call.bias is not None:
         out["bias"] = dbias
     return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from array_api_compat import device as device_of, is_array_api_obj
+from array_api_compat import is_array_api_obj
 
 from .._checks import (
     check_alibi,
@@ -34,7 +34,8 @@ from .._checks import (
     check_softcap,
     check_window,
 )
-from .._lib._namespace import Array, common_namespace, dtype_name, lib_name, require_real_floating
+from .._lib._namespace import (Array, common_namespace, compute_namespace, device_of, dtype_name,
+                               lib_name, require_real_floating)
 from .._core._positions import standard_alibi_slopes as alibi_slopes
 
 __all__ = [
@@ -334,7 +335,7 @@ def check_param_arrays(params: Mapping[str, Any], xp: Any) -> tuple[Any, Any]:
         if not is_array_api_obj(w):
             raise TypeError(f"{name} must be an array, got {type(w).__name__}")
     params_xp, dev = common_namespace(**params)
-    if params_xp is not xp:
+    if params_xp is not compute_namespace(xp):
         raise TypeError(f"the weights are {lib_name(params_xp)} arrays, expected {lib_name(xp)}")
     dtype = params["out_proj.weight"].dtype
     for name, w in params.items():

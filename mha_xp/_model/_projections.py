@@ -7,9 +7,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device as device_of
-
-from .._lib._namespace import Array
+from .._lib._namespace import Array, device_of
 from .._lib._shapes import at_least_2d
 from ._params import LayerConfig
 

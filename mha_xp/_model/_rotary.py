@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from .._checks import check_flag, check_rotary_base, check_rotary_dim
 from .._lib._shapes import broadcasts_to
 from .._lib._namespace import (
-    Array,
+    Array as AnyArray,
     common_namespace,
     compute_dtype,
     dtype_name,
     require_real_floating,
 )
+from ..typing import Array
 
 __all__ = ["apply_rotary"]
 
@@ -28,10 +29,11 @@ def _check_rotary_dim(rotary_dim: Any, features: int) -> int:
                 f"the first rotary_dim features"
             )
         return features
-    return check_rotary_dim(rotary_dim, features, of="x's features")
+    # Not None: check_rotary_dim returns None only for rotary_dim=None, handled above.
+    return cast(int, check_rotary_dim(rotary_dim, features, of="x's features"))
 
 
-def _check_positions(positions: Array, target: tuple[int, ...], xp: ModuleType) -> None:
+def _check_positions(positions: AnyArray, target: tuple[int, ...], xp: ModuleType) -> None:
     if not xp.isdtype(positions.dtype, "integral"):
         raise TypeError(
             f"positions must be an integer array, got dtype {dtype_name(positions.dtype)}"
@@ -149,7 +151,7 @@ def apply_rotary(
     if inverse:
         sin = -sin
 
-    xr = xp.astype(x[..., :rd], ct)
+    xr = xp.astype(cast(AnyArray, x)[..., :rd], ct)  # the Array protocol has no indexing
     if interleaved:
         pairs = xp.reshape(xr, lead + (half, 2))
         a, b = pairs[..., 0], pairs[..., 1]
@@ -159,5 +161,5 @@ def apply_rotary(
         rotated = xp.concat((a * cos - b * sin, b * cos + a * sin), axis=-1)
     rotated = xp.astype(rotated, x.dtype)
     if rd < features:
-        rotated = xp.concat((rotated, x[..., rd:]), axis=-1)
+        rotated = xp.concat((rotated, cast(AnyArray, x)[..., rd:]), axis=-1)
     return rotated
