@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 from array_api_compat import array_namespace, device as device_of
@@ -605,7 +605,7 @@ def _loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray,
     layer = mha_xp.MultiHeadAttention.from_state_dict(params, num_heads=TRAIN_HEADS)
     y, backward = layer.vjp(x, is_causal=True)
     diff = y - target
-    return float(np.mean(diff**2)), backward(2.0 * diff / diff.size)
+    return float(np.mean(diff**2)), cast("dict[str, np.ndarray]", backward(2.0 * diff / diff.size))
 
 
 def _gradient_check(params: dict[str, np.ndarray], x: np.ndarray, target: np.ndarray,
@@ -630,7 +630,7 @@ def section_training(steps: int, seed: int, tally: Tally) -> None:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, L, E))
     target = np.asarray(mha_xp.MultiHeadAttention(E, H, seed=seed + 1)(x, is_causal=True))
-    params = mha_xp.MultiHeadAttention(E, H, seed=seed).state_dict()
+    params = cast("dict[str, np.ndarray]", mha_xp.MultiHeadAttention(E, H, seed=seed).state_dict())
     rows = []
     try:
         gap = _gradient_check(params, x, target, seed)

@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from types import ModuleType, SimpleNamespace
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 from ._checks import (
     check_alibi_slopes,
@@ -23,6 +23,7 @@ from ._checks import (
     check_gqa,
     check_grad,
     check_mask,
+    check_num_threads,
     check_positive_int,
     check_same_dtype,
     check_scale,
@@ -35,10 +36,13 @@ from ._core._dispatch import attend_backward as core_backward
 from ._core._finite import underflow_ignored
 from ._core._positions import standard_alibi_slopes
 from ._lib._backends import host_readable
-from ._lib._namespace import Array, common_namespace, compute_dtype, dtype_name
+from ._lib._namespace import Array as AnyArray
+from ._lib._namespace import common_namespace, compute_dtype, dtype_name
 from ._lib._softmax import lse_from_stats, merge_partials
-from ._run import run_attention
+from ._porting import FUNCTION_KEYWORDS, refuse_foreign
+from ._run import run_attention, threads_for
 from ._spec import AttentionSpec, Request
+from .typing import Array
 
 __all__ = [
     "alibi_slopes",
@@ -86,7 +90,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return standard_alibi_slopes(check_positive_int("num_heads", num_heads))
 
 
-def _index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bool, Any]:
+def _index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[AnyArray, bool, Any]:
     """``x`` as an integer array of ``xp`` on ``dev`` (a Python sequence of
     ints is converted), whether its values may be read for validation, and
     the Python ints themselves when it was a sequence (read on the host)."""
@@ -99,7 +103,7 @@ def _index_array(name: str, x: Any, xp: ModuleType, dev: Any) -> tuple[Array, bo
 
 
 def _packed(xp: ModuleType, dev: Any, L: int, S: int, cu_seqlens_q: Any,
-            cu_seqlens_k: Any) -> dict[str, Array]:
+            cu_seqlens_k: Any) -> dict[str, AnyArray]:
     """The spec's ``q_seg``, ``k_seg`` and ``q_diag`` of packed sequences."""
     if cu_seqlens_q is None:
         if cu_seqlens_k is not None:
@@ -135,7 +139,7 @@ def _packed(xp: ModuleType, dev: Any, L: int, S: int, cu_seqlens_q: Any,
 
 
 def _neg_slopes(xp: ModuleType, dev: Any, dtype: Any, scores_shape: tuple[int, ...],
-                alibi_slopes: Any) -> Array | None:
+                alibi_slopes: Any) -> AnyArray | None:
     """Minus the ALiBi slopes, in the compute dtype, shaped to broadcast
     against the leading shape followed by ``(1, 1)``."""
     if alibi_slopes is None:
@@ -154,7 +158,7 @@ def _neg_slopes(xp: ModuleType, dev: Any, dtype: Any, scores_shape: tuple[int, .
     return xp.reshape(neg, tuple(neg.shape) + (1, 1))
 
 
-def _scores_shape(query: Array, key: Array, value: Array, groups: tuple[int, int] | None,
+def _scores_shape(query: AnyArray, key: AnyArray, value: AnyArray, groups: tuple[int, int] | None,
                   ) -> tuple[int, ...]:
     """The validated shape of the scores, ``(..., H, L, S)``."""
     if groups is None:
@@ -168,7 +172,7 @@ def _scores_shape(query: Array, key: Array, value: Array, groups: tuple[int, int
 
 
 def _validate(
-    query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None,
+    query: AnyArray, key: AnyArray, value: AnyArray, mask: AnyArray | None, bias: AnyArray | None,
     is_causal: Any, scale: Any, enable_gqa: Any, window: Any, alibi_slopes: Any, softcap: Any,
     cu_seqlens_q: Any, cu_seqlens_k: Any, dropout_p: Any, seed: Any,
 ) -> tuple[ModuleType, AttentionSpec]:
@@ -192,6 +196,57 @@ def _validate(
     return xp, spec
 
 
+@overload
+def scaled_dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    return_weights: Literal[False] = False,
+    chunk_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+    num_threads: int | None = None,
+    enable_gqa: bool | None = None,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: Array | Sequence[float] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: Array | Sequence[int] | None = None,
+    cu_seqlens_k: Array | Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> Array: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    return_weights: Literal[True],
+    chunk_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+    num_threads: int | None = None,
+    enable_gqa: bool | None = None,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: Array | Sequence[float] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: Array | Sequence[int] | None = None,
+    cu_seqlens_k: Array | Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> tuple[Array, Array]: ...
+
+
+@overload
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -204,6 +259,32 @@ def scaled_dot_product_attention(
     return_weights: bool = False,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
+    num_threads: int | None = None,
+    enable_gqa: bool | None = None,
+    window: tuple[int, int] | None = None,
+    alibi_slopes: Array | Sequence[float] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: Array | Sequence[int] | None = None,
+    cu_seqlens_k: Array | Sequence[int] | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> Array | tuple[Array, Array]: ...
+
+
+@refuse_foreign(FUNCTION_KEYWORDS)
+def scaled_dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    chunk_size: int | tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+    num_threads: int | None = None,
     enable_gqa: bool | None = None,
     window: tuple[int, int] | None = None,
     alibi_slopes: Array | Sequence[float] | None = None,
@@ -253,6 +334,12 @@ def scaled_dot_product_attention(
         Bytes the dense ``(..., H, L, S)`` score tensor may take before the
         chunked path is used instead; default :func:`get_memory_budget`
         (128 MiB unless configured).
+    num_threads : int, optional
+        Threads of the parallel CPU executor, which runs large calls on plain
+        NumPy arrays in blocks on a pool of threads (1: serially); default
+        :func:`get_num_threads`. The result is the serial one to rounding
+        (see :func:`num_threads`), and the same on every run.
+        Ignored by other libraries and by calls too small to gain.
     enable_gqa : bool, optional
         Grouped-query (and multi-query) attention, as torch's SDPA and
         FlashAttention: with ``H = G * Hkv`` query heads and ``Hkv`` key/value
@@ -412,11 +499,13 @@ def scaled_dot_product_attention(
                          alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     return_weights = check_flag("return_weights", return_weights)
     request = Request(return_weights=return_weights, chunk_size=check_chunk_size(chunk_size),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, num_threads=check_num_threads(num_threads))
     out, weights, _ = run_attention(query, key, value, spec, request, xp=xp)
-    return (out, weights) if return_weights else out
+    # weights is not None: asked for by return_weights.
+    return (out, cast(AnyArray, weights)) if return_weights else out
 
 
+@refuse_foreign(FUNCTION_KEYWORDS)
 def attention_with_lse(
     query: Array,
     key: Array,
@@ -428,6 +517,7 @@ def attention_with_lse(
     scale: float | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
+    num_threads: int | None = None,
     enable_gqa: bool | None = None,
     window: tuple[int, int] | None = None,
     alibi_slopes: Array | Sequence[float] | None = None,
@@ -446,6 +536,8 @@ def attention_with_lse(
     Parameters
     ----------
     query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+        As in :func:`scaled_dot_product_attention`.
+    num_threads
         As in :func:`scaled_dot_product_attention`.
     enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
@@ -494,9 +586,9 @@ def attention_with_lse(
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
                          alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     request = Request(return_stats=True, chunk_size=check_chunk_size(chunk_size),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, num_threads=check_num_threads(num_threads))
     out, _, stats = run_attention(query, key, value, spec, request, xp=xp)
-    return out, lse_from_stats(stats, xp=xp)
+    return out, lse_from_stats(cast("tuple[AnyArray, AnyArray]", stats), xp=xp)
 
 
 def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple[Array, Array]:
@@ -573,6 +665,7 @@ def merge_attention(out1: Array, lse1: Array, out2: Array, lse2: Array) -> tuple
         return merge_partials(out1, lse1, out2, lse2, xp=xp)
 
 
+@refuse_foreign(FUNCTION_KEYWORDS)
 def attention_vjp(
     query: Array,
     key: Array,
@@ -584,6 +677,7 @@ def attention_vjp(
     scale: float | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     memory_budget: int | None = None,
+    num_threads: int | None = None,
     enable_gqa: bool | None = None,
     window: tuple[int, int] | None = None,
     alibi_slopes: Array | Sequence[float] | None = None,
@@ -604,6 +698,8 @@ def attention_vjp(
     Parameters
     ----------
     query, key, value, mask, bias, is_causal, scale, chunk_size, memory_budget
+        As in :func:`scaled_dot_product_attention`.
+    num_threads
         As in :func:`scaled_dot_product_attention`.
     enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
@@ -668,13 +764,16 @@ def attention_vjp(
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
                          alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
     chunk_size = check_chunk_size(chunk_size)
-    request = Request(return_stats=True, chunk_size=chunk_size, memory_budget=memory_budget)
+    threads = check_num_threads(num_threads)
+    request = Request(return_stats=True, chunk_size=chunk_size, memory_budget=memory_budget,
+                      num_threads=threads)
     out, _, stats = run_attention(query, key, value, spec, request, xp=xp)
-    saved = Saved(query, key, value, out, stats)
+    saved = Saved(query, key, value, out, cast("tuple[AnyArray, AnyArray]", stats))
 
     def backward(grad_out: Array) -> dict[str, Array]:
         check_grad(grad_out, out, xp=xp, name="grad_out")
-        dq, dk, dv, dbias = core_backward(saved, grad_out, spec, chunk_size, xp=xp)
+        with threads_for(threads):
+            dq, dk, dv, dbias = core_backward(saved, grad_out, spec, chunk_size, xp=xp)
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:
             grads["bias"] = dbias

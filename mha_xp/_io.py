@@ -52,7 +52,7 @@ import stat
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -68,6 +68,7 @@ from ._model._params import (
     config_from_shapes,
     param_shapes,
 )
+from .typing import Device, Namespace
 
 __all__ = ["load_weights", "save_weights"]
 
@@ -340,10 +341,10 @@ def save_weights(layer: MultiHeadAttention, path: str | os.PathLike[str]) -> Non
             f"{name}: convert it first, e.g. layer.to(dtype=...float32)"
         )
     host = layer.to(xp=np)
-    arrays = {n: np.ascontiguousarray(w) for n, w in host.state_dict().items()}
+    arrays: dict[str, Any] = {n: np.ascontiguousarray(w) for n, w in host.state_dict().items()}
     config = json.dumps(layer.config.to_dict(), allow_nan=False)
     if fmt == "npz":
-        extra = {_NUM_HEADS: np.asarray(layer.num_heads, dtype=np.int64),
+        extra: dict[str, Any] = {_NUM_HEADS: np.asarray(layer.num_heads, dtype=np.int64),
                  _CONFIG: np.asarray(config)}  # a unicode array: loads without pickle
         with _atomic_write(path) as f:
             # A file object, so that np.savez adds no ".npz" of its own.
@@ -453,11 +454,11 @@ def _member_bytes(path: str, z: zipfile.ZipFile, info: zipfile.ZipInfo,
     # np.empty, not bytearray: no zero-fill of memory about to be overwritten.
     out = np.empty(min(count, on_disk), dtype=np.uint8)
     try:
-        with z.open(info) as member:
+        with cast(zipfile.ZipExtFile, z.open(info)) as member:
             if start and len(member.read(start)) < start:  # start: a header, <= 10 kB
                 return out[:0]
             got = 0
-            with memoryview(out) as view:
+            with memoryview(cast(Any, out)) as view:
                 while got < out.size:
                     n = member.readinto(view[got:got + _CHUNK])
                     if not n:
@@ -493,9 +494,9 @@ def _npy_header(path: str, z: zipfile.ZipFile,
         raise bad(f"it starts with {prefix[:8]!r}, not the .npy magic")
     if len(prefix) < 8:
         raise bad("it ends inside its header")
-    version = tuple(prefix[6:8])
+    version = cast("tuple[int, int]", tuple(prefix[6:8]))  # len(prefix) >= 8
     # Versions 2.0 and 3.0 have a 4-byte header length; 3.0 a UTF-8 header.
-    field = {(1, 0): 2, (2, 0): 4, (3, 0): 4}.get(version)  # type: ignore[call-overload]
+    field = {(1, 0): 2, (2, 0): 4, (3, 0): 4}.get(version)
     if field is None:
         raise bad(f"unknown format version {version}")
     if len(prefix) < 8 + field:
@@ -650,7 +651,7 @@ def _safetensors_array(path: str, fh: IO[bytes], start: int, shape: tuple[int, .
     buf = np.empty(math.prod(shape) * raw.itemsize, dtype=np.uint8)
     fh.seek(start)
     got = 0
-    with memoryview(buf) as view:
+    with memoryview(cast(Any, buf)) as view:
         while got < buf.size:
             n = fh.readinto(view[got:])  # type: ignore[attr-defined]
             if not n:
@@ -842,8 +843,8 @@ def load_weights(
     path: str | os.PathLike[str],
     *,
     num_heads: int | None = None,
-    xp: ModuleType | None = None,
-    device: Any = None,
+    xp: Namespace | None = None,
+    device: Device | None = None,
     **options: Any,
 ) -> MultiHeadAttention:
     """Build a layer from an ``.npz`` or ``.safetensors`` weight file.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
@@ -16,19 +16,20 @@ from ._checks import (
     check_flag,
     check_grad,
     check_layer_call,
+    check_num_threads,
     check_positive_int,
     check_seed,
     check_training,
 )
 from ._lib._namespace import (
-    Array,
+    Array as AnyArray,
     convert,
     dtype_name,
     lib_name,
     normalize_namespace,
 )
 from ._model._cache import CacheOwner, KVCache
-from ._model._forward import LayerState, layer_backward, layer_forward
+from ._model._forward import LayerState, Residuals, layer_backward, layer_forward
 from ._model._params import (
     LayerConfig,
     check_option_names,
@@ -41,7 +42,10 @@ from ._model._params import (
     state_dict_from_weights,
 )
 
+from ._porting import LAYER_CALL_KEYWORDS, LAYER_INIT_KEYWORDS, refuse_foreign
+from ._run import threads_for
 from ._spec import Request
+from .typing import Array, Device, DType, Namespace
 
 __all__ = ["MultiHeadAttention"]
 
@@ -180,6 +184,7 @@ class MultiHeadAttention:
     ((2, 10, 16), (2, 10, 10))
     """
 
+    @refuse_foreign(LAYER_INIT_KEYWORDS, "MultiHeadAttention")
     def __init__(
         self,
         embed_dim: int,
@@ -188,9 +193,9 @@ class MultiHeadAttention:
         kdim: int | None = None,
         vdim: int | None = None,
         bias: bool = True,
-        xp: ModuleType | None = None,
-        device: Any = None,
-        dtype: Any = None,
+        xp: Namespace | None = None,
+        device: Device | None = None,
+        dtype: DType | None = None,
         seed: int | np.random.Generator | None = None,
         add_bias_kv: bool = False,
         add_zero_attn: bool = False,
@@ -230,7 +235,7 @@ class MultiHeadAttention:
 
     # -- construction ------------------------------------------------------
 
-    def _adopt(self, params: dict[str, Array], config: LayerConfig, xp: ModuleType) -> None:
+    def _adopt(self, params: dict[str, AnyArray], config: LayerConfig, xp: ModuleType) -> None:
         """Validate the arrays of a complete parameter dict (torch names)
         against ``config`` and adopt them, in torch's order."""
         self._device, self._dtype = check_param_arrays(params, xp)
@@ -238,13 +243,15 @@ class MultiHeadAttention:
         order = param_shapes(config, packed="in_proj_weight" in params)
         self._params = {name: params[name] for name in order}
         self._xp, self._config = xp, config
+        # What every call reads, made once: a layer never changes.
+        self._prepared = LayerState.prepare(self._params, config, xp, self._device, self._dtype)
         # What this layer's caches carry: a layer accepts only its own (and
         # caches made by hand), since a cache holds keys projected with its weights.
         self._cache_owner = CacheOwner()
 
     @classmethod
     def _from_params(
-        cls, params: dict[str, Array], num_heads: Any, xp: Any, device: Any,
+        cls, params: dict[str, AnyArray], num_heads: Any, xp: Any, device: Any,
         options: Mapping[str, Any] | None = None, num_kv_heads: Any = None,
         config: LayerConfig | None = None,
     ) -> MultiHeadAttention:
@@ -288,8 +295,8 @@ class MultiHeadAttention:
         v_bias: Array | None = None,
         out_bias: Array | None = None,
         num_heads: int,
-        xp: ModuleType | None = None,
-        device: Any = None,
+        xp: Namespace | None = None,
+        device: Device | None = None,
         bias_k: Array | None = None,
         bias_v: Array | None = None,
         q_norm_weight: Array | None = None,
@@ -359,8 +366,8 @@ class MultiHeadAttention:
         >>> layer.embed_dim, layer.head_dim
         (8, 4)
         """
-        weights = {"q_weight": q_weight, "k_weight": k_weight, "v_weight": v_weight,
-                   "out_weight": out_weight}
+        weights: dict[str, AnyArray] = {"q_weight": q_weight, "k_weight": k_weight,
+                                        "v_weight": v_weight, "out_weight": out_weight}
         biases = {"q_bias": q_bias, "k_bias": k_bias, "v_bias": v_bias, "out_bias": out_bias}
         for name, w in weights.items():
             if not is_array_api_obj(w):
@@ -392,8 +399,8 @@ class MultiHeadAttention:
         state_dict: Mapping[str, Array],
         *,
         num_heads: int,
-        xp: ModuleType | None = None,
-        device: Any = None,
+        xp: Namespace | None = None,
+        device: Device | None = None,
         num_kv_heads: int | None = None,
         **options: Any,
     ) -> MultiHeadAttention:
@@ -458,7 +465,7 @@ class MultiHeadAttention:
 
     @classmethod
     def from_torch(
-        cls, module: Any, *, xp: ModuleType | None = None, device: Any = None
+        cls, module: Any, *, xp: Namespace | None = None, device: Device | None = None
     ) -> MultiHeadAttention:
         """Port a ``torch.nn.MultiheadAttention`` (its weights, copied).
 
@@ -533,7 +540,8 @@ class MultiHeadAttention:
         """
         return dict(self._params)
 
-    def to(self, *, xp: ModuleType | None = None, device: Any = None, dtype: Any = None) -> MultiHeadAttention:
+    def to(self, *, xp: Namespace | None = None, device: Device | None = None,
+           dtype: DType | None = None) -> MultiHeadAttention:
         """Return the layer in another namespace, device or dtype.
 
         Parameters
@@ -601,17 +609,17 @@ class MultiHeadAttention:
     vdim = _size("vdim", "Feature size of values.")
 
     @property
-    def xp(self) -> ModuleType:
+    def xp(self) -> Namespace:
         """The weights' array-API-compatible namespace."""
         return self._xp
 
     @property
-    def device(self) -> Any:
+    def device(self) -> Device:
         """The weights' device."""
         return self._device
 
     @property
-    def dtype(self) -> Any:
+    def dtype(self) -> DType:
         """The weights' dtype."""
         return self._dtype
 
@@ -623,6 +631,91 @@ class MultiHeadAttention:
 
     # -- the call ----------------------------------------------------------
 
+    @overload
+    def __call__(
+        self,
+        query: Array,
+        key: Array | None = None,
+        value: Array | None = None,
+        *,
+        key_padding_mask: Array | None = None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        return_weights: Literal[False] = False,
+        average_weights: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+        num_threads: int | None = None,
+        cache: None = None,
+        training: bool = False,
+        dropout_seed: int | None = None,
+    ) -> Array: ...
+
+    @overload
+    def __call__(
+        self,
+        query: Array,
+        key: Array | None = None,
+        value: Array | None = None,
+        *,
+        key_padding_mask: Array | None = None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        return_weights: Literal[True],
+        average_weights: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+        num_threads: int | None = None,
+        cache: None = None,
+        training: bool = False,
+        dropout_seed: int | None = None,
+    ) -> tuple[Array, Array]: ...
+
+    @overload
+    def __call__(
+        self,
+        query: Array,
+        key: Array | None = None,
+        value: Array | None = None,
+        *,
+        key_padding_mask: Array | None = None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        return_weights: Literal[False] = False,
+        average_weights: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+        num_threads: int | None = None,
+        cache: KVCache,
+        training: bool = False,
+        dropout_seed: int | None = None,
+    ) -> tuple[Array, KVCache]: ...
+
+    @overload
+    def __call__(
+        self,
+        query: Array,
+        key: Array | None = None,
+        value: Array | None = None,
+        *,
+        key_padding_mask: Array | None = None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        return_weights: Literal[True],
+        average_weights: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+        num_threads: int | None = None,
+        cache: KVCache,
+        training: bool = False,
+        dropout_seed: int | None = None,
+    ) -> tuple[Array, Array, KVCache]: ...
+
+    @overload
     def __call__(
         self,
         query: Array,
@@ -637,6 +730,28 @@ class MultiHeadAttention:
         average_weights: bool = True,
         chunk_size: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
+        num_threads: int | None = None,
+        cache: KVCache | None = None,
+        training: bool = False,
+        dropout_seed: int | None = None,
+    ) -> Array | tuple[Array, Array] | tuple[Array, KVCache] | tuple[Array, Array, KVCache]: ...
+
+    @refuse_foreign(LAYER_CALL_KEYWORDS, "MultiHeadAttention")
+    def __call__(
+        self,
+        query: Array,
+        key: Array | None = None,
+        value: Array | None = None,
+        *,
+        key_padding_mask: Array | None = None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        is_causal: bool = False,
+        return_weights: bool = False,
+        average_weights: bool = True,
+        chunk_size: int | tuple[int, int] | None = None,
+        memory_budget: int | None = None,
+        num_threads: int | None = None,
         cache: KVCache | None = None,
         training: bool = False,
         dropout_seed: int | None = None,
@@ -677,6 +792,10 @@ class MultiHeadAttention:
             Bytes the dense ``(B, H, L, S)`` score tensor may take before the
             chunked path (memory linear in ``L`` and ``S``) is used instead;
             default :func:`get_memory_budget`.
+        num_threads : int, optional
+            Threads of the parallel CPU executor for the attention of large
+            calls on NumPy arrays (1: serially); default
+            :func:`get_num_threads`. See :func:`scaled_dot_product_attention`.
         cache : KVCache, optional
             Incremental decoding (self-attention only, with
             ``is_causal=True``; no ``key``, ``value``, masks or bias): the
@@ -758,14 +877,16 @@ class MultiHeadAttention:
         out, weights, _, cache = layer_forward(
             self._state(), call, is_causal=is_causal, cache=cache, dropout=dropout,
             request=Request(return_weights=return_weights, chunk_size=call.chunk_size,
-                            memory_budget=memory_budget))
+                            memory_budget=memory_budget,
+                            num_threads=check_num_threads(num_threads)))
         if return_weights:
             if average_weights:
                 weights = self._xp.mean(weights, axis=1)
-            weights = weights if call.batched else weights[0, ...]
+            weights = weights if call.batched else cast(AnyArray, weights)[0, ...]
+        # weights is not None where return_weights asked for it.
         if cache is None:
-            return (out, weights) if return_weights else out
-        return (out, weights, cache) if return_weights else (out, cache)
+            return (out, cast(AnyArray, weights)) if return_weights else out
+        return (out, cast(AnyArray, weights), cache) if return_weights else (out, cache)
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty key/value cache for incremental decoding with this layer.
@@ -812,6 +933,7 @@ class MultiHeadAttention:
                              xp=self._xp, device=self._device, dtype=self._dtype,
                              owner=self._cache_owner)
 
+    @refuse_foreign(LAYER_CALL_KEYWORDS, "MultiHeadAttention.vjp")
     def vjp(
         self,
         query: Array,
@@ -824,6 +946,7 @@ class MultiHeadAttention:
         is_causal: bool = False,
         chunk_size: int | tuple[int, int] | None = None,
         memory_budget: int | None = None,
+        num_threads: int | None = None,
         training: bool = False,
         dropout_seed: int | None = None,
     ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
@@ -840,6 +963,8 @@ class MultiHeadAttention:
         query, key, value, key_padding_mask, mask, bias, is_causal, chunk_size, memory_budget
             As in :meth:`__call__` (no cache: gradients are for training on
             whole sequences).
+        num_threads
+            As in :meth:`__call__`, for the forward and ``backward``.
         training, dropout_seed
             As in :meth:`__call__`: with ``training=True`` the layer's
             ``dropout`` applies, and ``backward`` differentiates through the
@@ -893,26 +1018,28 @@ class MultiHeadAttention:
         call = self._check_call(query, key, value, key_padding_mask, mask, bias, chunk_size)
         is_causal = check_flag("is_causal", is_causal)
         dropout = check_training(training, dropout_seed, self._config.dropout)
+        threads = check_num_threads(num_threads)
         state = self._state()
         out, _, res, _ = layer_forward(
             state, call, is_causal=is_causal, dropout=dropout,
             request=Request(return_stats=True, chunk_size=call.chunk_size,
-                            memory_budget=memory_budget))
+                            memory_budget=memory_budget, num_threads=threads))
 
         def backward(grad_out: Array) -> dict[str, Array]:
             check_grad(grad_out, out, xp=self._xp, name="grad_out")
-            return layer_backward(state, call, res, grad_out)
+            with threads_for(threads):
+                return layer_backward(state, call, cast(Residuals, res), grad_out)
 
         return out, backward
 
     # -- internals of the call -----------------------------------------------
 
     def _state(self) -> LayerState:
-        return LayerState(self._params, self._config, self._xp, self._device, self._dtype)
+        return self._prepared
 
-    def _check_call(self, query: Array, key: Array | None, value: Array | None,
-                    key_padding_mask: Array | None, mask: Array | None, bias: Array | None,
-                    chunk_size: Any) -> Any:
+    def _check_call(self, query: AnyArray, key: AnyArray | None, value: AnyArray | None,
+                    key_padding_mask: AnyArray | None, mask: AnyArray | None,
+                    bias: AnyArray | None, chunk_size: Any) -> Any:
         return check_layer_call(query, key, value, key_padding_mask, mask, bias, chunk_size,
                                 xp=self._xp, device=self._device, dtype=self._dtype,
                                 config=self._config)

@@ -2,9 +2,10 @@
 
 One place for each concept, and imports that run one way:
 
-1. **Ranks.** Every module has a rank, low to high: ``_lib`` (helpers) 0;
-   ``_config``, ``_checks``, ``_spec`` (the budget setting, validation, the
-   call spec) 1; ``_core`` (computes on validated input) 2; ``_model`` (the
+1. **Ranks.** Every module has a rank, low to high: ``_lib`` (helpers) and
+   ``typing`` (the public type aliases) 0; ``_config``, ``_checks``,
+   ``_porting``, ``_spec`` (the settings, validation, porting hints, the call
+   spec) 1; ``_core`` (computes on validated input) 2; ``_model`` (the
    layer's pieces) and ``_run`` (plan, memory check, core: what both public
    faces call) 3; ``_attention``, ``_layer`` (the public faces) 4; ``_io``
    (weight files) 5; ``__init__``, ``__main__`` 6. A module imports only
@@ -49,7 +50,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-RANKS = {"_lib": 0, "_config": 1, "_checks": 1, "_spec": 1, "_core": 2, "_model": 3, "_run": 3,
+RANKS = {"_lib": 0, "typing": 0, "_config": 1, "_checks": 1, "_porting": 1, "_spec": 1, "_core": 2, "_model": 3, "_run": 3,
          "_attention": 4, "_layer": 4, "_io": 5, "__init__": 6, "__main__": 6}
 FUNCTION_LINES, CLASS_LINES = 80, 500
 BACKENDS_MODULE = "mha_xp._lib._backends"
