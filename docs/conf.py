@@ -73,8 +73,13 @@ numpydoc_xref_param_type = False
 # pages include, runs under ``sphinx-build -b doctest``. The setup below only
 # decides which optional-backend blocks to skip; each example imports what it
 # uses itself, so it can be copied as it is.
-doctest_global_setup = """
+doctest_global_setup = f"""
 import importlib.util as _ilu
+import pathlib as _pathlib
+
+# The pages' own folder, wherever mha_xp is installed: examples load files
+# that ship beside the pages (docs/examples), never from the package's path.
+DOCS_DIR = _pathlib.Path({str(Path(__file__).resolve().parent)!r})
 
 def _has_gpu():
     if _ilu.find_spec("cupy") is None:
