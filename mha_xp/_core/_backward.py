@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device as device_of
 
 from .._lib._backends import writes_in_place
 from .._lib._inplace import gated_difference, multiply_into
-from .._lib._namespace import Array
+from .._lib._namespace import Array, device_of
 from .._lib._shapes import broadcast_lead, unbroadcast
 from .._lib._softmax import probabilities
 from .._spec import AttentionSpec, Block

@@ -5,11 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import cast
 
-from array_api_compat import device as device_of
 
 from .._lib._backends import writes_in_place
 from .._lib._inplace import multiply_into
-from .._lib._namespace import Array
+from .._lib._namespace import Array, device_of
 from .._lib._shapes import broadcast_lead, expand
 from .._lib._softmax import masked_softmax, unnormalised_attention, with_ones_column
 from .._spec import AttentionSpec, Block, Plan

@@ -79,7 +79,18 @@ def all_finite(*arrays: Array, xp: ModuleType) -> bool:
     ``np.errstate(all="raise")`` would turn that into an error)."""
     if not all(host_readable(a) for a in arrays):
         return False
-    return all(bool(xp.all(xp.isfinite(a))) for a in arrays)
+    return bool(finite_flag(*arrays, xp=xp))
+
+
+def finite_flag(*arrays: Array, xp: ModuleType) -> Array:
+    """Whether every entry of ``arrays`` is finite, as a 0-d boolean array
+    (read it in Python only where that is free; under ``jax.jit`` it
+    decides a ``lax.cond``)."""
+    flag = None
+    for a in arrays:
+        ok = xp.all(xp.isfinite(a))
+        flag = ok if flag is None else xp.logical_and(flag, ok)
+    return flag
 
 
 def stand_ins(query: Array, key: Array, value: Array, /, *, xp: ModuleType,

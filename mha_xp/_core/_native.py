@@ -21,7 +21,7 @@ JAX 0.10) and decides the rules:
 - a NaN or infinity in a key or value reaches every row in both kernels
   (``0 * NaN``), where mha_xp keeps it to the rows that see it
   (:mod:`._finite`): delegated only when every input is finite, checked
-  with one sum per input (in Python for torch on the CPU and eager JAX,
+  as the stand-ins check it (in Python for torch on the CPU and eager JAX,
   with ``jax.lax.cond`` under tracing, which runs one branch);
 - grouped-query heads: query head ``h`` uses key/value head ``h // G`` in
   both (torch with ``enable_gqa=True``); neither broadcasts a batch axis;
@@ -50,6 +50,7 @@ from .._config import get_native_kernels
 from .._lib._backends import is_traced, native_attention_library
 from .._lib._namespace import Array, compute_dtype, device_of
 from .._spec import AttentionSpec, Plan
+from ._finite import finite_flag
 from ._positions import combine
 
 __all__ = ["native_attend"]
@@ -108,7 +109,7 @@ def _expressible(query: Array, key: Array, value: Array, spec: AttentionSpec, pl
         return False
     if not query.ndim == key.ndim == value.ndim == 4:
         return False
-    (B, H, L, D), (Bk, Hkv, S, Dk), (Bv, Hv, Sv, Dv) = query.shape, key.shape, value.shape
+    (B, H, L, D), (Bk, Hkv, S, _), (Bv, Hv, _, Dv) = query.shape, key.shape, value.shape
     if not (B == Bk == Bv and Hkv == Hv and H % Hkv == 0):
         return False
     if 0 in query.shape or 0 in key.shape or 0 in value.shape:  # left to the portable path
@@ -128,14 +129,11 @@ def _finite(arrays: tuple[Array, ...], bias: Array | None, /, *, xp: ModuleType)
 
 
 def _finite_flag(arrays: tuple[Array, ...], bias: Array | None, /, *, xp: ModuleType) -> Array:
-    """:func:`_finite` as a 0-d boolean array: one sum per input, in the
-    compute dtype (a sum is finite only if every term is; one that
-    overflows says no, and the portable path runs), and the bias's maximum
-    below ``+inf`` (it is NaN where the bias holds one)."""
-    flag = None
-    for t in arrays:
-        ok = xp.isfinite(xp.sum(t, dtype=compute_dtype(t.dtype, xp)))
-        flag = ok if flag is None else xp.logical_and(flag, ok)
+    """:func:`_finite` as a 0-d boolean array: the inputs all finite
+    (:func:`~._finite.finite_flag`, the check of the non-finite stand-ins)
+    and the bias's maximum below ``+inf`` (it is NaN where the bias holds
+    one)."""
+    flag = finite_flag(*arrays, xp=xp)
     if bias is not None:
         inf = xp.asarray(math.inf, dtype=bias.dtype, device=device_of(bias))
         flag = xp.logical_and(flag, xp.max(bias) < inf)

@@ -34,10 +34,9 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device as device_of
 
 from .._config import blas_controller
-from .._lib._namespace import Array
+from .._lib._namespace import Array, device_of
 from .._lib._shapes import broadcast_lead
 from .._spec import AttentionSpec, Block, Plan
 from . import _chunked, _dense

@@ -17,11 +17,10 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import device as device_of
 
 from .._config import resolve_budget, resolve_num_threads
 from .._lib._backends import host_memory_available, is_dask, is_plain_numpy
-from .._lib._namespace import Array, compute_dtype
+from .._lib._namespace import Array, compute_dtype, device_of
 from .._lib._shapes import broadcast_lead
 from .._spec import AttentionSpec, Plan, Request
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from array_api_compat import device as device_of
 
 from ._backends import writes_in_place
 from ._inplace import divide_into, shifted_exp
-from ._namespace import Array
+from ._namespace import Array, device_of
 
 __all__ = [
     "lse_from_stats",
