@@ -25,6 +25,8 @@ from ._config import (
 from ._io import load_weights, save_weights
 from ._layer import MultiHeadAttention
 from ._attention import alibi_slopes
+from ._model._qk_norm import qk_norm, qk_norm_vjp
+from ._model._rope import rope_frequencies
 from ._model._rotary import apply_rotary
 
 __version__ = "0.1.0"
@@ -46,6 +48,9 @@ __all__ = [
     "merge_attention",
     "native_kernels",
     "num_threads",
+    "qk_norm",
+    "qk_norm_vjp",
+    "rope_frequencies",
     "save_weights",
     "scaled_dot_product_attention",
 ]

@@ -28,6 +28,7 @@ from ._checks import (
     check_same_dtype,
     check_scale,
     check_sdpa_shapes,
+    check_sinks,
     check_softcap,
     check_window,
 )
@@ -174,10 +175,11 @@ def _scores_shape(query: AnyArray, key: AnyArray, value: AnyArray, groups: tuple
 def _validate(
     query: AnyArray, key: AnyArray, value: AnyArray, mask: AnyArray | None, bias: AnyArray | None,
     is_causal: Any, scale: Any, enable_gqa: Any, window: Any, alibi_slopes: Any, softcap: Any,
-    cu_seqlens_q: Any, cu_seqlens_k: Any, dropout_p: Any, seed: Any,
+    cu_seqlens_q: Any, cu_seqlens_k: Any, dropout_p: Any, seed: Any, sinks: Any = None,
 ) -> tuple[ModuleType, AttentionSpec]:
     """The public attention functions' validation: the namespace and the spec."""
-    xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias)
+    xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias,
+                               sinks=sinks)
     dtype = check_same_dtype(xp, query=query, key=key, value=value)
     scores_shape = _scores_shape(query, key, value, check_gqa(query, key, value, enable_gqa))
     labels = "(..., H, L, S)"
@@ -188,9 +190,13 @@ def _validate(
     window, softcap = check_window(window), check_softcap(softcap)
     neg_slopes = _neg_slopes(xp, dev, dtype, scores_shape, alibi_slopes)
     packed = _packed(xp, dev, scores_shape[-2], scores_shape[-1], cu_seqlens_q, cu_seqlens_k)
+    work = compute_dtype(dtype, xp)
+    if sinks is not None:
+        check_sinks(sinks, dtype, scores_shape, xp)
+        sinks = xp.reshape(sinks if work == dtype else xp.astype(sinks, work), (-1, 1))
     spec = AttentionSpec(
-        scale=check_scale(scale, query.shape[-1], compute_dtype(dtype, xp), xp),
-        mask=mask, bias=bias,
+        scale=check_scale(scale, query.shape[-1], work, xp),
+        mask=mask, bias=bias, sinks=sinks,
         is_causal=check_flag("is_causal", is_causal), window=window, softcap=softcap,
         neg_slopes=neg_slopes, dropout=check_dropout(dropout_p, seed), **packed)
     return xp, spec
@@ -218,6 +224,7 @@ def scaled_dot_product_attention(
     cu_seqlens_k: Array | Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    sinks: Array | None = None,
 ) -> Array: ...
 
 
@@ -243,6 +250,7 @@ def scaled_dot_product_attention(
     cu_seqlens_k: Array | Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    sinks: Array | None = None,
 ) -> tuple[Array, Array]: ...
 
 
@@ -268,6 +276,7 @@ def scaled_dot_product_attention(
     cu_seqlens_k: Array | Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    sinks: Array | None = None,
 ) -> Array | tuple[Array, Array]: ...
 
 
@@ -293,6 +302,7 @@ def scaled_dot_product_attention(
     cu_seqlens_k: Array | Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    sinks: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Scaled dot-product attention on any array API library.
 
@@ -407,6 +417,16 @@ def scaled_dot_product_attention(
         The key of the dropout mask, in ``[0, 2**64)``; required when
         ``dropout_p > 0``, since mha_xp keeps no global random state. Pass a
         new seed for every training step.
+    sinks : array, shape (H,), optional
+        Attention sinks (gpt-oss; "StreamingLLM", Xiao et al. 2023): one
+        logit per query head that joins every row's softmax and contributes
+        no value, ``P_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))``, so
+        that a row may give less than all of its weight to the keys (a row
+        with no key left gives all of it to the sink: zeros). Of the
+        inputs' library, device and dtype. The result equals
+        :func:`merge_attention` of :func:`attention_with_lse`'s result with
+        a zero output of log-sum-exp ``sink``, bit for bit (up to the sign
+        of zeros); the weights returned are those over the keys.
 
     Returns
     -------
@@ -496,7 +516,8 @@ def scaled_dot_product_attention(
     True
     """
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
-                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed,
+                         sinks)
     return_weights = check_flag("return_weights", return_weights)
     request = Request(return_weights=return_weights, chunk_size=check_chunk_size(chunk_size),
                       memory_budget=memory_budget, num_threads=check_num_threads(num_threads))
@@ -526,6 +547,7 @@ def attention_with_lse(
     cu_seqlens_k: Array | Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    sinks: Array | None = None,
 ) -> tuple[Array, Array]:
     """Attention output and the per-row log-sum-exp of the scores.
 
@@ -541,7 +563,7 @@ def attention_with_lse(
         As in :func:`scaled_dot_product_attention`.
     enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
-    dropout_p, seed
+    dropout_p, seed, sinks
         As in :func:`scaled_dot_product_attention`.
 
     Returns
@@ -551,7 +573,8 @@ def attention_with_lse(
         ``(P * Z / (1 - dropout_p)) V``).
     lse : array, shape (..., H, L)
         ``log(sum_j exp(s_ij))`` over the allowed keys, with ``s`` the scaled,
-        biased scores; ``+inf`` for a row with nothing to attend to (as in
+        biased scores (with ``sinks``, ``exp(sink)`` joins the sum: merge a
+        result with sinks only with results computed without them); ``+inf`` for a row with nothing to attend to (as in
         FlashAttention, so that ``exp(s - lse)`` is 0 there); NaN for a row
         whose output is NaN (one that gives weight to a key or value holding
         NaN or ±Inf, see :func:`scaled_dot_product_attention`). float32 for
@@ -584,7 +607,8 @@ def attention_with_lse(
     True
     """
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
-                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed,
+                         sinks)
     request = Request(return_stats=True, chunk_size=check_chunk_size(chunk_size),
                       memory_budget=memory_budget, num_threads=check_num_threads(num_threads))
     out, _, stats = run_attention(query, key, value, spec, request, xp=xp)
@@ -686,6 +710,7 @@ def attention_vjp(
     cu_seqlens_k: Array | Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    sinks: Array | None = None,
 ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
     """Attention and a function computing its gradients (vector-Jacobian product).
 
@@ -703,6 +728,9 @@ def attention_vjp(
         As in :func:`scaled_dot_product_attention`.
     enable_gqa, window, alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k
         As in :func:`scaled_dot_product_attention`.
+    sinks
+        As in :func:`scaled_dot_product_attention`; ``backward`` returns their
+        gradient as ``"sinks"``.
     dropout_p, seed
         As in :func:`scaled_dot_product_attention`: ``backward`` differentiates
         through the same keep-mask, regenerated block by block from ``seed``
@@ -762,7 +790,8 @@ def attention_vjp(
     True
     """
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
-                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed)
+                         alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed,
+                         sinks)
     chunk_size = check_chunk_size(chunk_size)
     threads = check_num_threads(num_threads)
     request = Request(return_stats=True, chunk_size=chunk_size, memory_budget=memory_budget,
@@ -773,10 +802,13 @@ def attention_vjp(
     def backward(grad_out: Array) -> dict[str, Array]:
         check_grad(grad_out, out, xp=xp, name="grad_out")
         with threads_for(threads):
-            dq, dk, dv, dbias = core_backward(saved, grad_out, spec, chunk_size, xp=xp)
+            dq, dk, dv, dbias, dsinks = core_backward(saved, grad_out, spec, chunk_size, xp=xp)
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:
             grads["bias"] = dbias
+        if sinks is not None:
+            ds = xp.reshape(cast(AnyArray, dsinks), tuple(sinks.shape))
+            grads["sinks"] = ds if ds.dtype == sinks.dtype else xp.astype(ds, sinks.dtype)
         return grads
 
     return out, backward

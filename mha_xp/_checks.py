@@ -44,12 +44,15 @@ __all__ = [
     "check_mask",
     "check_num_threads",
     "check_positive_int",
+    "check_qk_norm_kind",
+    "check_real",
     "check_rotary_base",
     "check_rotary_dim",
     "check_same_dtype",
     "check_scale",
     "check_sdpa_shapes",
     "check_seed",
+    "check_sinks",
     "check_softcap",
     "check_window",
     "format_bytes",
@@ -222,6 +225,23 @@ def check_bias(bias: Array, dtype: Any, target: tuple[int, ...], xp: ModuleType,
             "mha_xp does not promote dtypes silently: cast bias to the inputs' dtype"
         )
     _check_broadcasts_to("bias", tuple(bias.shape), target, labels)
+
+
+def check_sinks(sinks: Array, dtype: Any, scores_shape: tuple[int, ...], xp: ModuleType) -> None:
+    """Attention-sink logits: real floating, of the inputs' dtype, one per
+    query head, ``(H,)`` for scores ``(..., H, L, S)``."""
+    require_real_floating("sinks", sinks, xp)
+    if sinks.dtype != dtype:
+        raise TypeError(
+            f"sinks has dtype {dtype_name(sinks.dtype)} but the inputs are {dtype_name(dtype)}; "
+            "mha_xp does not promote dtypes silently: cast sinks to the inputs' dtype"
+        )
+    heads = scores_shape[-3] if len(scores_shape) >= 3 else 1
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(
+            f"sinks must have shape (H,) = ({heads},), one logit per query head of the scores "
+            f"{scores_shape} (..., H, L, S), got {tuple(sinks.shape)}"
+        )
 
 
 def check_same_dtype(xp: ModuleType, **arrays: Array) -> Any:
@@ -417,6 +437,31 @@ def check_softcap(softcap: Any) -> float | None:
     if not (math.isfinite(cap) and cap > 0.0):
         raise ValueError(f"softcap must be a positive finite number (or None), got {softcap}")
     return cap
+
+
+def check_real(name: str, value: Any, *, low: float = -math.inf, strict: bool = False,
+               what: str = "a finite number") -> float:
+    """A finite real number ``>= low`` (``> low`` with ``strict``) as a Python
+    float: NumPy scalars are dropped, since they would up-cast float32 (NEP 50)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and (v > low if strict else v >= low)):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return v
+
+
+QK_NORM_KINDS = ("rms", "layer")
+
+
+def check_qk_norm_kind(kind: Any, name: str = "kind") -> str:
+    """The kind of a QK normalisation: ``"rms"`` or ``"layer"``."""
+    if not isinstance(kind, str) or kind not in QK_NORM_KINDS:
+        raise ValueError(
+            f"{name} must be 'rms' (x / sqrt(mean(x**2) + eps), Qwen3, Gemma 3) or 'layer' "
+            f"(mean-centred LayerNorm, Flax, Cohere, Phi), got {kind!r}"
+        )
+    return kind
 
 
 def check_rotary_base(base: Any, name: str = "rotary_base") -> float:
@@ -666,10 +711,17 @@ def check_training(training: Any, dropout_seed: Any, p: float) -> tuple[float, i
 
 
 def check_cache_call(cache: Any, call: LayerCall, *, is_causal: bool, cross: bool,
-                     training: bool, shape: tuple[int, int, int], dtype: Any) -> None:
+                     training: bool, shape: tuple[int, int, int], dtype: Any,
+                     rope_type: str | None = None) -> None:
     """A decoding call with a cache (``shape`` the layer's ``(num_kv_heads,
-    max_length, head_dim)`` expectations but the length): causal
-    self-attention, no masks, a cache that fits the layer and has room."""
+    max_length, head_dim)`` expectations but the length; ``rope_type`` its
+    RoPE scaling): causal self-attention, no masks, a cache that fits the
+    layer and has room."""
+    if rope_type == "dynamic":
+        raise ValueError("rope_scaling 'dynamic' changes the frequencies with the sequence's "
+                         "length, which a cache's keys were rotated with before: decode "
+                         "without a cache, or use a scaling that does not depend on the "
+                         "length ('linear', 'llama3', 'yarn')")
     if training:
         raise ValueError("dropout (training=True) is not supported with a cache: "
                          "decoding is inference; call without training=True")
@@ -678,11 +730,11 @@ def check_cache_call(cache: Any, call: LayerCall, *, is_causal: bool, cross: boo
     if cross:
         raise ValueError("a cache is for self-attention: pass only query (key and value "
                          "come from the cache)")
-    for name, given in (("key_padding_mask", call.key_padding_mask), ("mask", call.mask),
-                        ("bias", call.bias)):
+    for name, given in (("mask", call.mask), ("bias", call.bias)):
         if given is not None:
             raise ValueError(f"{name} is not supported with a cache (the cache masks the "
-                             f"positions not yet filled itself)")
+                             f"positions not yet filled itself; mark padding with "
+                             f"key_padding_mask)")
     B, L = call.query.shape[0], call.query.shape[1]
     want = (B, shape[0], cache.max_length, shape[2])
     for name, a in (("cache.key", cache.key), ("cache.value", cache.value)):
@@ -698,11 +750,13 @@ def check_cache_call(cache: Any, call: LayerCall, *, is_causal: bool, cross: boo
     # Where reading the filled length is free (an eager host array), an
     # overflow is an error; on GPU, lazy or traced arrays it cannot be
     # checked without a sync or a concrete value (documented on KVCache).
-    if host_readable(cache.length) and int(cache.length) + L > cache.max_length:
-        raise ValueError(f"the cache holds {int(cache.length)} of its max_length = "
-                         f"{cache.max_length} positions: {L} more do not fit; make the "
-                         f"cache with layer.init_cache(batch_size, max_length) for the "
-                         f"longest sequence")
+    if host_readable(cache.length):
+        filled = max(_host_ints(cache.length), default=0)
+        if filled + L > cache.max_length:
+            raise ValueError(f"the cache holds {filled} of its max_length = "
+                             f"{cache.max_length} positions: {L} more do not fit; make the "
+                             f"cache with layer.init_cache(batch_size, max_length) for the "
+                             f"longest sequence")
 
 
 def format_bytes(nbytes: int) -> str:
@@ -731,7 +785,7 @@ def check_cache_arrays(key: Any, value: Any, length: Any) -> Array:
     given_int = isinstance(length, numbers.Integral) and not isinstance(length, bool)
     if not given_int:
         if isinstance(length, bool) or not hasattr(length, "shape"):
-            raise TypeError(f"cache.length must be a 0-d integer array or an int, got "
+            raise TypeError(f"cache.length must be an integer array (0-d or (B,)) or an int, got "
                             f"{type(length).__name__} {length!r}; {_CACHE_FIX}")
         arrays["cache.length"] = length
     xp, dev = common_namespace(**arrays)
@@ -749,13 +803,23 @@ def check_cache_arrays(key: Any, value: Any, length: Any) -> Array:
     if given_int:
         _check_cache_length(int(length), key.shape[-2])
         return xp.asarray(int(length), dtype=xp.arange(1, device=dev).dtype, device=dev)
-    if length.ndim != 0 or not xp.isdtype(length.dtype, "signed integer"):
-        raise TypeError(f"cache.length must be a 0-d signed integer array (or an int), got "
-                        f"shape {tuple(length.shape)} and dtype {dtype_name(length.dtype)}")
+    if not xp.isdtype(length.dtype, "signed integer"):
+        raise TypeError(f"cache.length must be a signed integer array (or an int), got "
+                        f"dtype {dtype_name(length.dtype)}")
+    if tuple(length.shape) not in ((), (key.shape[0],)):
+        raise ValueError(f"cache.length must be 0-d (one length for the batch) or of shape "
+                         f"(B,) = ({key.shape[0]},) (one per sequence), got shape "
+                         f"{tuple(length.shape)}")
     # Read only where it is free (KVCache documents the rest).
     if host_readable(length):
-        _check_cache_length(int(length), key.shape[-2])
+        for n in _host_ints(length):
+            _check_cache_length(n, key.shape[-2])
     return length
+
+
+def _host_ints(x: Any) -> list[int]:
+    """The values of a 0-d or 1-d integer array that :func:`host_readable` allows reading."""
+    return [int(x)] if x.ndim == 0 else [int(x[i]) for i in range(x.shape[0])]
 
 
 def _check_cache_length(n: int, max_length: Any) -> None:

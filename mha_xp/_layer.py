@@ -125,10 +125,25 @@ class MultiHeadAttention:
         Rotate only the first ``rotary_dim`` features of each head (even);
         default all.
     normalize_qk : bool, default False
-        Flax's QK normalisation: a bias-free LayerNorm (epsilon ``1e-6``)
-        with learnable scales ``q_norm.weight`` and ``k_norm.weight`` of shape
-        ``(head_dim,)`` (initialised to ones) on the per-head queries and
-        keys, before RoPE.
+        QK normalisation of the per-head queries and keys, before RoPE, with
+        learnable scales ``q_norm.weight`` and ``k_norm.weight`` of shape
+        ``(head_dim,)`` (initialised to ones). By default Flax's: a
+        bias-free LayerNorm with epsilon ``1e-6``; the ``qk_norm_*``
+        options give those of pretrained models (see :func:`qk_norm`).
+    qk_norm : {"layer", "rms"}, default "layer"
+        The normalisation: LayerNorm (mean-centred: Flax, Cohere, Phi) or
+        RMSNorm (Qwen3, Gemma 3).
+    qk_norm_eps : float, default 1e-6
+        Its epsilon (a config's ``rms_norm_eps`` or ``layer_norm_eps``).
+    qk_norm_offset : float, default 0.0
+        Added to the scales: 1.0 for Gemma's ``(1 + weight)`` (the scales
+        are then initialised to zeros).
+    qk_norm_bias : bool, default False
+        LayerNorm biases ``q_norm.bias`` and ``k_norm.bias`` (Phi).
+    qk_norm_per_head : bool, default False
+        One scale vector per head: ``q_norm.weight`` of shape
+        ``(num_heads, head_dim)`` and ``k_norm.weight`` of shape
+        ``(num_kv_heads, head_dim)`` (Cohere).
     window : (int or None, int or None), optional
         Sliding-window (local) attention as FlashAttention's
         ``window_size``: query ``i`` sees keys ``j`` with
@@ -142,6 +157,28 @@ class MultiHeadAttention:
     softcap : float, optional
         Logit soft-capping (Gemma 2): scaled scores ``s`` become
         ``softcap * tanh(s / softcap)``, before any bias or ALiBi.
+    head_dim : int, optional
+        Features per head; default ``embed_dim // num_heads``. Another value
+        (Gemma, gpt-oss) gives query and output projections of shapes
+        ``(num_heads * head_dim, embed_dim)`` and ``(embed_dim, num_heads *
+        head_dim)``, and key and value projections of ``num_kv_heads *
+        head_dim`` rows.
+    scale : float, optional
+        The factor on ``Q K^T``; default ``1 / sqrt(head_dim)`` (Gemma's
+        ``query_pre_attn_scalar ** -0.5``; 1.0 for T5).
+    sinks : bool, default False
+        Learnable attention sinks (gpt-oss, StreamingLLM): a parameter
+        ``sinks`` of shape ``(num_heads,)`` (initialised to zeros), one logit
+        per query head that joins every row's softmax and carries no value
+        (see :func:`scaled_dot_product_attention`'s ``sinks``).
+    rope_scaling : dict, optional
+        RoPE's frequency scaling, in the form of a Hugging Face config's
+        ``rope_parameters``: ``{"rope_type": "linear" | "dynamic" | "llama3"
+        | "yarn" | "longrope", ...}`` with that scheme's keys (see
+        :func:`rope_frequencies`); default plain RoPE.
+    max_position_embeddings : int, optional
+        The model's context length, which ``"dynamic"`` scaling and the
+        fallbacks of ``"yarn"`` and ``"longrope"`` read.
     dropout : float, default 0.0
         Dropout probability on the attention weights, as torch's
         constructor argument, but applied only to calls that ask for it with
@@ -209,12 +246,27 @@ class MultiHeadAttention:
         alibi: bool | Sequence[float] = False,
         softcap: float | None = None,
         dropout: float = 0.0,
+        head_dim: int | None = None,
+        scale: float | None = None,
+        qk_norm: Literal["layer", "rms"] = "layer",
+        qk_norm_eps: float = 1e-6,
+        qk_norm_offset: float = 0.0,
+        qk_norm_bias: bool = False,
+        qk_norm_per_head: bool = False,
+        sinks: bool = False,
+        rope_scaling: Mapping[str, Any] | None = None,
+        max_position_embeddings: int | None = None,
     ) -> None:
         config = LayerConfig.from_options(
             embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim, bias=bias,
             add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, normalize_qk=normalize_qk,
             rotary=rotary, rotary_base=rotary_base, rotary_interleaved=rotary_interleaved,
-            rotary_dim=rotary_dim, window=window, alibi=alibi, softcap=softcap, dropout=dropout)
+            rotary_dim=rotary_dim, window=window, alibi=alibi, softcap=softcap, dropout=dropout,
+            head_dim=head_dim, scale=scale, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps,
+            qk_norm_offset=qk_norm_offset, qk_norm_bias=qk_norm_bias,
+            qk_norm_per_head=qk_norm_per_head, sinks=sinks,
+            rope_scaling=None if rope_scaling is None else dict(rope_scaling),
+            max_position_embeddings=max_position_embeddings)
         seed = check_seed(seed)
         xp = normalize_namespace(np if xp is None else xp)
         if dtype is None:
@@ -301,20 +353,24 @@ class MultiHeadAttention:
         bias_v: Array | None = None,
         q_norm_weight: Array | None = None,
         k_norm_weight: Array | None = None,
+        q_norm_bias: Array | None = None,
+        k_norm_bias: Array | None = None,
+        sinks: Array | None = None,
         **options: Any,
     ) -> MultiHeadAttention:
         """Build a layer from projection weights in torch's ``Linear`` layout.
 
         Parameters
         ----------
-        q_weight : array, shape (E, E)
-            Query projection, ``q = query @ q_weight.T + q_bias``.
+        q_weight : array, shape (num_heads * head_dim, E)
+            Query projection, ``q = query @ q_weight.T + q_bias``; usually
+            ``(E, E)``, with ``head_dim = E // num_heads``.
         k_weight : array, shape (E, kdim) or (num_kv_heads * head_dim, kdim)
             Key projection; fewer rows than ``E`` make a grouped-query layer.
         v_weight : array, shape (E, vdim) or (num_kv_heads * head_dim, vdim)
             Value projection.
-        out_weight : array, shape (E, E)
-            Output projection ``W_O``.
+        out_weight : array, shape (E, num_heads * head_dim)
+            Output projection ``W_O``; its columns give ``head_dim``.
         q_bias, k_bias, v_bias, out_bias : array, optional
             Biases, of the length of their projection's rows. If any is given
             the layer has biases and the missing ones are zero; if none is
@@ -329,8 +385,14 @@ class MultiHeadAttention:
             namespace's default when ``xp`` is given).
         bias_k, bias_v : array, shape (1, 1, num_kv_heads * head_dim), optional
             torch's ``add_bias_kv`` parameters (both or neither).
-        q_norm_weight, k_norm_weight : array, shape (head_dim,), optional
-            Scales of the QK normalisation (both or neither; ``normalize_qk``).
+        q_norm_weight, k_norm_weight : array, optional
+            Scales of the QK normalisation (both or neither; ``normalize_qk``):
+            ``(head_dim,)`` shared by the heads, or ``(num_heads, head_dim)``
+            and ``(num_kv_heads, head_dim)`` per head.
+        q_norm_bias, k_norm_bias : array, optional
+            Biases of a LayerNorm QK normalisation, shaped as its scales.
+        sinks : array, shape (num_heads,), optional
+            Attention-sink logits, one per query head (see ``sinks``).
         **options
             The layer's other options, as in the constructor: ``add_zero_attn``,
             ``rotary``, ``rotary_base``, ``rotary_interleaved``, ``rotary_dim``,
@@ -386,7 +448,8 @@ class MultiHeadAttention:
                 raise ValueError(f"{name} must be 1-D (E,), got shape {tuple(a.shape)}")
         params = state_dict_from_weights(w, b, num_heads, layer_xp)
         for name, a in (("bias_k", bias_k), ("bias_v", bias_v), ("q_norm.weight", q_norm_weight),
-                        ("k_norm.weight", k_norm_weight)):
+                        ("k_norm.weight", k_norm_weight), ("q_norm.bias", q_norm_bias),
+                        ("k_norm.bias", k_norm_bias), ("sinks", sinks)):
             if a is not None:
                 if not is_array_api_obj(a):
                     raise TypeError(f"{name} must be an array or None, got {type(a).__name__}")
@@ -508,6 +571,59 @@ class MultiHeadAttention:
         options = dict(add_zero_attn=bool(getattr(module, "add_zero_attn", False)),
                        dropout=float(getattr(module, "dropout", 0.0)))
         return cls._from_params(params, module.num_heads, np if xp is None else xp, device, options)
+
+    @classmethod
+    def from_transformers(
+        cls, module: Any, config: Any, *, xp: Namespace | None = None,
+        device: Device | None = None, dtype: DType | None = None,
+    ) -> MultiHeadAttention:
+        """Port the attention module of a Hugging Face transformers model.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            One layer's attention, e.g. ``model.model.layers[i].self_attn``
+            (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi, gpt-oss),
+            ``model.transformer.h[i].attn`` (GPT-2), ``.attention`` (GPT-NeoX)
+            or ``.self_attention`` (BLOOM, Falcon), ``encoder.layer[i].attention``
+            (BERT), a decoder layer's ``encoder_attn`` (Whisper, BART) or
+            ``layer[1].EncDecAttention`` (T5); see :doc:`porting_hf` for the
+            table of families.
+        config : transformers.PretrainedConfig
+            The model's configuration (``model.config``): it holds the head
+            counts, RoPE and its scaling, the window of each layer, the
+            soft-cap and the norms' epsilon, which the module does not.
+        xp : module, optional
+            Namespace for the layer; default NumPy. ``xp=torch`` keeps torch
+            tensors.
+        device : optional
+            Device for the layer; default the namespace's default device.
+        dtype : optional
+            Floating dtype for the layer (of ``xp``); default the module's.
+
+        Returns
+        -------
+        MultiHeadAttention
+            A layer whose call on the module's hidden states gives the
+            module's output, with ``is_causal=True`` for decoders'
+            self-attention (and ``key=`` the encoder's states for
+            cross-attention); its cache decodes as the model generates.
+
+        Raises
+        ------
+        TypeError
+            ``module`` is not an attention module of a supported family.
+        ValueError
+            ``config`` does not describe ``module`` (head counts that do not
+            fit its weights), or options mha_xp cannot express.
+        """
+        from ._hf import port_module  # the families' ports; torch is imported only here
+
+        ported = port_module(module, config)
+        params = {name: t.detach().clone() for name, t in ported.state_dict.items()}
+        layer = cls._from_params(params, ported.num_heads, np if xp is None else xp, device,
+                                 check_option_names(ported.options), ported.num_kv_heads)
+        return layer if dtype is None else layer.to(dtype=dtype)
 
     # -- the weights -------------------------------------------------------
 
@@ -769,7 +885,7 @@ class MultiHeadAttention:
         key_padding_mask : array of bool, shape (B, S) or (S,), optional
             **True marks padding keys**, which are ignored (as in torch).
             Padding keys and values never reach the output, even if they hold
-            NaN or Inf.
+            NaN or Inf. With a ``cache``, see there.
         mask : array of bool, optional
             Broadcastable to ``(B, H, L, S)`` (``(H, L, S)`` unbatched).
             **True means "may attend"** (the negation of torch's boolean
@@ -798,12 +914,18 @@ class MultiHeadAttention:
             :func:`get_num_threads`. See :func:`scaled_dot_product_attention`.
         cache : KVCache, optional
             Incremental decoding (self-attention only, with
-            ``is_causal=True``; no ``key``, ``value``, masks or bias): the
-            query's keys and values are written into the cache after those
-            already there, and the query attends causally to all of them.
-            Make one with :meth:`init_cache`. Prefill, single steps and
+            ``is_causal=True``; no ``key``, ``value``, ``mask`` or ``bias``):
+            the query's keys and values are written into the cache after
+            those already there, and the query attends causally to all of
+            them. Make one with :meth:`init_cache`. Prefill, single steps and
             chunks of any size give the outputs of causal self-attention over
-            the whole sequence.
+            the whole sequence. With ``key_padding_mask``, the padding takes
+            no slot and each sequence keeps its own length
+            (``cache.length`` becomes ``(B,)``) and RoPE positions: a batch
+            of left- or right-padded prompts, and steps in which finished
+            sequences are marked as padding, decode each sequence as if it
+            ran alone (the outputs at padding positions are meaningless, as
+            in any padded batch, but finite).
         training : bool, default False
             Apply the layer's ``dropout`` to the attention weights (as
             Keras's ``training`` argument and torch's ``train()`` mode). Off
@@ -873,7 +995,9 @@ class MultiHeadAttention:
                              cross=key is not None or value is not None,
                              training=dropout is not None,
                              shape=(c.num_kv_heads, cache.max_length, c.head_dim),
-                             dtype=self._dtype)
+                             dtype=self._dtype,
+                             rope_type=None if c.rope_scaling is None
+                             else c.rope_scaling["rope_type"])
         out, weights, _, cache = layer_forward(
             self._state(), call, is_causal=is_causal, cache=cache, dropout=dropout,
             request=Request(return_weights=return_weights, chunk_size=call.chunk_size,

@@ -51,7 +51,9 @@ class AttentionSpec:
     q_diag : array or None
         ``diag(i)`` per query ``(L,)``, when it is not ``i + S - L``: packed
         sequences with different query and key boundaries, or the absolute
-        positions of a KV cache.
+        positions of a KV cache; ``(B, 1, L)`` (the leading shape with a
+        head axis of 1, then ``L``) when each sequence of a batch has its
+        own (a cache holding a length per sequence).
     dropout : (float, int) or None
         ``(p, seed)``: dropout on the attention weights with probability
         ``0 < p <= 1``, keyed by the global position of each weight.
@@ -60,6 +62,12 @@ class AttentionSpec:
         the causal, window and ALiBi terms leave them out (the keys that
         torch's ``add_bias_kv`` and ``add_zero_attn`` append); the diagonal
         is aligned with the last key before them. None: every key has one.
+    sinks : array or None
+        Attention-sink logits in the compute dtype, broadcastable to the
+        leading (batch, head) shape followed by ``(1,)`` (``(H, 1)``): one
+        more term ``exp(sink)`` in every row's softmax sum, with no value.
+        Applied once to a whole call's result (:mod:`._core._dispatch`),
+        never to a block.
     """
 
     scale: float
@@ -75,6 +83,7 @@ class AttentionSpec:
     q_diag: Array | None = None
     dropout: tuple[float, int] | None = None
     free_from: int | None = None
+    sinks: Array | None = None
 
     def replace(self, **changes: Any) -> AttentionSpec:
         """A copy with ``changes``."""

@@ -9,11 +9,13 @@ executor for Dask arrays, the dense or the chunked one for eager arrays
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import ModuleType
 from typing import cast
 
 from .._lib._namespace import Array, compute_dtype
 from .._lib._shapes import broadcast_lead
+from .._lib._softmax import add_sinks, sink_gradient
 from .._spec import AttentionSpec, Block, Plan
 from . import _dask, _execute
 from ._backward import Saved
@@ -34,8 +36,20 @@ def attend(query: Array, key: Array, value: Array, spec: AttentionSpec, plan: Pl
     in the inputs' dtype, the rows' softmax statistics ``(m, l)`` in the
     compute dtype (:mod:`mha_xp._lib._softmax`). With dropout, ``out`` is
     ``(P * Z / (1 - p)) V`` while ``weights`` and ``stats`` are those of the
-    softmax ``P`` before dropout.
+    softmax ``P`` before dropout. Attention sinks (``spec.sinks``) join the
+    whole call's result once, from its statistics
+    (:func:`~mha_xp._lib._softmax.add_sinks`), whatever path computed it.
     """
+    if spec.sinks is not None:
+        out, weights, stats = attend(query, key, value, spec.replace(sinks=None),
+                                     replace(plan, return_stats=True), xp=xp, block=Block())
+        with underflow_ignored(xp):
+            out, sunk, scale = add_sinks(out, cast("tuple[Array, Array]", stats), spec.sinks,
+                                         xp=xp)
+            if weights is not None:
+                weights = weights * (scale if weights.dtype == scale.dtype
+                                     else xp.astype(scale, weights.dtype))
+        return out, weights, (sunk if plan.return_stats else None)
     if block is None:  # a whole call: the library's own kernel, where it computes the same
         out = native_attend(query, key, value, spec, plan, xp=xp, portable=lambda q, k, v: attend(
             q, k, v, spec, plan, xp=xp, block=Block())[0])
@@ -58,9 +72,12 @@ def attend(query: Array, key: Array, value: Array, spec: AttentionSpec, plan: Pl
 
 def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
                     chunk_size: tuple[int, int] | None, /, *, xp: ModuleType,
-                    ) -> tuple[Array, Array, Array, Array | None]:
-    """Gradients ``(dq, dk, dv, dbias)`` of :func:`attend` from what its
-    forward saved (inputs in their own dtype, output, statistics).
+                    ) -> tuple[Array, Array, Array, Array | None, Array | None]:
+    """Gradients ``(dq, dk, dv, dbias, dsinks)`` of :func:`attend` from what
+    its forward saved (inputs in their own dtype, output, statistics);
+    ``dsinks`` in the compute dtype, of ``spec.sinks``' shape (None without
+    sinks). The statistics of a call with sinks include them, so the
+    gradients of the rest are the usual ones.
 
     The blocks are those of the chunked path (``chunk_size`` when given),
     whatever path the forward took: the backward keeps four score-sized
@@ -69,6 +86,13 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
     Grouped-query attention is reshaped as in :func:`attend`; the key and
     value gradients sum over the query heads of their group.
     """
+    if spec.sinks is not None:
+        grads = attend_backward(saved, grad_out, spec.replace(sinks=None), chunk_size, xp=xp)
+        work = saved.stats[0].dtype
+        out, g = (t if t.dtype == work else xp.astype(t, work) for t in (saved.out, grad_out))
+        with underflow_ignored(xp):
+            dsinks = sink_gradient(out, g, saved.stats, spec.sinks, xp=xp)
+        return (*grads[:4], dsinks)
     query, key, value = saved.query, saved.key, saved.value
     groups = gqa_groups(query, key, value)
     if groups is not None:
@@ -76,11 +100,12 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
         grouped = Saved(split_heads(query, groups, 2, xp), xp.expand_dims(key, axis=-3),
                         xp.expand_dims(value, axis=-3), split_heads(saved.out, groups, 2, xp),
                         tuple(split_heads(t, groups, 1, xp) for t in saved.stats))
-        dq, dk, dv, dbias = attend_backward(grouped, split_heads(grad_out, groups, 2, xp),
-                                            gspec, chunk_size, xp=xp)
+        dq, dk, dv, dbias, _ = attend_backward(grouped, split_heads(grad_out, groups, 2, xp),
+                                               gspec, chunk_size, xp=xp)
         return (xp.reshape(dq, tuple(query.shape)), xp.reshape(dk, tuple(key.shape)),
                 xp.reshape(dv, tuple(value.shape)),
-                None if dbias is None else xp.reshape(dbias, tuple(cast(Array, spec.bias).shape)))
+                None if dbias is None else xp.reshape(dbias, tuple(cast(Array, spec.bias).shape)),
+                None)
     L, S = query.shape[-2], key.shape[-2]
     lead = broadcast_lead(query, key, value)
     # Not None: a chunk_size forces plan_blocks onto the chunked path.
@@ -103,4 +128,4 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
         if work != dtype:
             grads = cast("tuple[Array, Array, Array, Array | None]",
                          tuple(None if g is None else xp.astype(g, dtype) for g in grads))
-    return grads
+    return (*grads, None)

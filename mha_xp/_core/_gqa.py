@@ -41,7 +41,8 @@ def group(x: Array | None, groups: tuple[int, int], xp: ModuleType) -> Array | N
 def group_spec(spec: AttentionSpec, block: Block, groups: tuple[int, int],
                xp: ModuleType) -> tuple[AttentionSpec, Block]:
     """``spec`` and ``block`` with their per-head arrays (mask, padding,
-    bias, ALiBi slopes, dropout's leading index) split into ``(Hkv, G)`` heads."""
+    bias, ALiBi slopes, dropout's leading index) split into ``(Hkv, G)``
+    heads; per-sequence diagonals ``(B, 1, L)`` get a second size-1 head axis."""
     if block.lead_index is not None and block.lead_index.ndim >= 1:
         index = block.lead_index
         block = Block(block.row_start, block.offset,
@@ -49,6 +50,10 @@ def group_spec(spec: AttentionSpec, block: Block, groups: tuple[int, int],
     spec = spec.replace(mask=group(spec.mask, groups, xp), key_keep=group(spec.key_keep, groups, xp),
                         bias=group(spec.bias, groups, xp),
                         neg_slopes=group(spec.neg_slopes, groups, xp))
+    q_diag = spec.q_diag
+    if q_diag is not None and q_diag.ndim >= 2:  # (..., 1, L): one more size-1 head axis
+        shape = tuple(q_diag.shape)
+        spec = spec.replace(q_diag=xp.reshape(q_diag, shape[:-2] + (1, 1) + shape[-1:]))
     return spec, block
 
 

@@ -81,7 +81,7 @@ def _take(x: Array | None, task: Task, n_lead: int, core: int, rows: bool = True
 def _task_spec(spec: AttentionSpec, task: Task, n_lead: int) -> AttentionSpec:
     changes = {name: _take(getattr(spec, name), task, n_lead, 2) for name in _LEAD_ARRAYS
                if getattr(spec, name) is not None}
-    changes.update({name: getattr(spec, name)[task[1]] for name in _ROW_ARRAYS
+    changes.update({name: _take(getattr(spec, name), task, n_lead, 1) for name in _ROW_ARRAYS
                     if getattr(spec, name) is not None})
     return spec.replace(**changes) if changes else spec
 

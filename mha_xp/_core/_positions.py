@@ -124,7 +124,7 @@ def positional(
     if lo is None and hi is None and slopes is None and not segments:
         return None, None
     i, j = block_indices(rows, cols, xp=xp, device=device)
-    diag = i + offset if spec.q_diag is None else xp.expand_dims(spec.q_diag[rows], axis=1)
+    diag = i + offset if spec.q_diag is None else xp.expand_dims(spec.q_diag[..., rows], axis=-1)
     rel = diag - j
     allowed = None
     if lo is not None:

@@ -17,14 +17,17 @@ from types import ModuleType
 from ._backends import writes_in_place
 from ._inplace import divide_into, shifted_exp
 from ._namespace import Array, device_of
+from ._shapes import unbroadcast
 
 __all__ = [
+    "add_sinks",
     "lse_from_stats",
     "masked_softmax",
     "merge_partials",
     "probabilities",
     "row_shift",
     "safe_divisor",
+    "sink_gradient",
     "unnormalised_attention",
 ]
 
@@ -173,6 +176,17 @@ def merge_partials(
     gives NaN.
     """
     dtype, dev = out1.dtype, device_of(out1)
+    w1, w2, lse, e1, e2 = _merge_weights(lse1, lse2, xp=xp)
+    no_value = xp.zeros((), dtype=dtype, device=dev)
+    return (w1 * xp.where(xp.expand_dims(e1, axis=-1), no_value, out1)
+            + w2 * xp.where(xp.expand_dims(e2, axis=-1), no_value, out2)), lse
+
+
+def _merge_weights(lse1: Array, lse2: Array, /, *, xp: ModuleType,
+                   ) -> tuple[Array, Array, Array, Array, Array]:
+    """The weights ``(w1, w2)`` (``(..., L, 1)``) that :func:`merge_partials`
+    gives the two sides, the merged ``lse``, and where each side is empty."""
+    dev = device_of(lse1)
     pos_inf = xp.asarray(math.inf, dtype=lse1.dtype, device=dev)
     zero = xp.asarray(0.0, dtype=lse1.dtype, device=dev)
     e1, e2 = xp.isinf(lse1), xp.isinf(lse2)
@@ -186,7 +200,45 @@ def merge_partials(
     total = w1 + w2
     safe = xp.where(both, xp.ones_like(total), total)
     lse = xp.where(both, pos_inf, top + xp.log(safe))
-    w1, w2 = xp.expand_dims(w1 / safe, axis=-1), xp.expand_dims(w2 / safe, axis=-1)
-    no_value = xp.zeros((), dtype=dtype, device=dev)
-    return (w1 * xp.where(xp.expand_dims(e1, axis=-1), no_value, out1)
-            + w2 * xp.where(xp.expand_dims(e2, axis=-1), no_value, out2)), lse
+    return (xp.expand_dims(w1 / safe, axis=-1), xp.expand_dims(w2 / safe, axis=-1), lse,
+            e1, e2)
+
+
+def add_sinks(out: Array, stats: tuple[Array, Array], sinks: Array, /, *, xp: ModuleType,
+              ) -> tuple[Array, tuple[Array, Array], Array]:
+    """Attention with one more term per row, ``exp(sink)``, that takes
+    softmax mass and carries no value (gpt-oss's learnable sinks).
+
+    ``out`` is attention over the keys, ``stats`` its rows' ``(m, l)`` in the
+    compute dtype and ``sinks`` the logits, broadcastable to ``m``'s shape.
+    The output is that of :func:`merge_partials` of ``(out, lse)`` with a
+    zero output of log-sum-exp ``sink``, bit for bit: ``w * out`` with
+    ``w = exp(lse - logaddexp(lse, sink))``. Returns ``(out, stats, w)``:
+    the new statistics ``m' = max(m, sink)``, ``l' = l exp(m - m') +
+    exp(sink - m')`` are those of the softmax over the keys and the sink (so
+    that ``exp(s - m') / l'`` are the weights, and the backward is the
+    usual one), and ``w`` ``(..., L, 1)`` rescales weights computed without
+    the sink.
+    """
+    m, l = stats
+    sink = xp.broadcast_to(sinks, tuple(m.shape))
+    w1, _, _, e1, _ = _merge_weights(lse_from_stats(stats, xp=xp), sink, xp=xp)
+    work = w1.dtype
+    no_value = xp.zeros((), dtype=work, device=device_of(w1))
+    scaled = w1 * xp.where(xp.expand_dims(e1, axis=-1), no_value,
+                           out if out.dtype == work else xp.astype(out, work))
+    top = xp.maximum(m, sink)
+    total = l * xp.exp(m - top) + xp.exp(sink - top)
+    return (scaled if out.dtype == work else xp.astype(scaled, out.dtype)), (top, total), w1
+
+
+def sink_gradient(out: Array, grad_out: Array, stats: tuple[Array, Array], sinks: Array, /, *,
+                  xp: ModuleType) -> Array:
+    """The gradient of the sinks of :func:`add_sinks`, shaped as ``sinks``:
+    ``-sum(P_sink * rowsum(dO * O))`` over the rows, with ``P_sink =
+    exp(sink - m') / l'`` the sink's weight and ``out``, ``stats`` the
+    results with the sinks (all in the compute dtype)."""
+    m, l = stats
+    p_sink = xp.exp(sinks - m) / safe_divisor(l, xp=xp)
+    delta = xp.sum(grad_out * out, axis=-1)
+    return unbroadcast(-(p_sink * delta), tuple(sinks.shape), xp=xp)

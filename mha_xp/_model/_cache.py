@@ -52,9 +52,13 @@ class KVCache:
         values, one head per key/value head, of one library, device and
         real floating dtype; positions ``>= length`` hold zeros or stale
         entries and are never attended to.
-    length : array, 0-d, signed integer, or int
-        How many positions are filled, in ``[0, max_length]``. An array of
-        the keys' library and device rather than a Python int, so that one
+    length : array of signed integers, 0-d or (B,), or int
+        How many positions are filled, in ``[0, max_length]``: one length
+        for the whole batch (0-d), or one per sequence ``(B,)``, which a
+        call with ``key_padding_mask`` makes (each sequence's prompt and
+        steps fill its own slots, so that left- or right-padded prompts and
+        sequences that finish early decode as if run alone). An array of the
+        keys' library and device rather than a Python int, so that one
         compiled decoding step serves every position under ``jax.jit``; a
         Python int is converted to one (the library's default integer
         dtype, on the keys' device).
@@ -153,25 +157,78 @@ class KVCache:
         _register(zeros)
         return cls._assemble(zeros, xp.zeros(shape, dtype=dtype, device=device), length, owner)
 
-    def append(self, key: Array, value: Array) -> KVCache:
+    def append(self, key: Array, value: Array, keep: Array | None = None) -> KVCache:
         """A cache with ``key`` and ``value`` (``(B, Hkv, n, D)``) written at
-        positions ``length .. length + n - 1``.
+        positions ``length .. length + n - 1`` of each sequence.
 
-        The write is a gather and a select (``take`` of the new entries at
-        every slot, ``where`` the slot is being written), so it needs no
-        in-place update and no data-dependent shape.
+        ``keep`` ``(B, n)``, bool, marks the entries that are not padding:
+        only those are written, one after another from each sequence's own
+        length (the padding of left- or right-padded prompts, and the steps
+        of sequences that have finished, take no slot), and each length
+        grows by its sequence's count. The write is a gather and a select
+        (``take`` of the new entries at every slot, ``where`` the slot is
+        being written), so it needs no in-place update and no
+        data-dependent shape.
         """
         xp, dev = namespace_and_device(self.key)
-        M, n = self.key.shape[-2], key.shape[-2]
-        rel = xp.arange(M, device=dev) - self.length
-        write = xp.logical_and(rel >= 0, rel < n)
-        index = xp.where(write, rel, xp.zeros_like(rel))
-        write = xp.reshape(write, (M, 1))
-        return KVCache._assemble(
-            xp.where(write, xp.take(key, index, axis=2), self.key),
-            xp.where(write, xp.take(value, index, axis=2), self.value),
-            self.length + n, self.owner,
-        )
+        B, M, n = self.key.shape[0], self.key.shape[-2], key.shape[-2]
+        length = self.length
+        if keep is None and length.ndim == 0:  # one length for the batch: one gather
+            rel = xp.arange(M, device=dev) - length
+            write = xp.logical_and(rel >= 0, rel < n)
+            index = xp.where(write, rel, xp.zeros_like(rel))
+            write = xp.reshape(write, (M, 1))
+            return KVCache._assemble(
+                xp.where(write, xp.take(key, index, axis=2), self.key),
+                xp.where(write, xp.take(value, index, axis=2), self.value),
+                length + n, self.owner,
+            )
+        lengths = xp.broadcast_to(length, (B,))
+        if keep is None:
+            count = xp.full((B,), n, dtype=lengths.dtype, device=dev)
+            source = xp.broadcast_to(xp.arange(n, device=dev), (B, n))
+        else:
+            count = xp.astype(xp.sum(xp.astype(keep, lengths.dtype), axis=1), lengths.dtype)
+            # The kept entries first, in order: a stable sort of "is padding".
+            source = xp.argsort(xp.astype(xp.logical_not(keep), xp.int8), axis=1, stable=True)
+        rel = xp.expand_dims(xp.arange(M, device=dev), axis=0) - xp.expand_dims(lengths, axis=1)
+        write = xp.logical_and(rel >= 0, rel < xp.expand_dims(count, axis=1))  # (B, M)
+        rank = xp.where(write, rel, xp.zeros_like(rel))
+        rows = xp.expand_dims(xp.arange(B, device=dev) * n, axis=1)
+        # The flat index (b * n + t) of the entry each slot takes.
+        flat = xp.take(xp.reshape(xp.astype(source, rank.dtype) + rows, (-1,)),
+                       xp.reshape(rank + rows, (-1,)), axis=0)
+        write = xp.reshape(write, (B, 1, M, 1))
+        return KVCache._assemble(_gather(key, flat, M, self.key, write, xp),
+                                 _gather(value, flat, M, self.value, write, xp),
+                                 lengths + count, self.owner)
+
+    def positions(self, n: int, keep: Array | None = None) -> Array:
+        """The absolute positions of a call's ``n`` entries: ``length + i``
+        (``(n,)``), or with a length per sequence or ``keep`` (see
+        :meth:`append`) ``length[b] + rank`` per sequence, ``(B, 1, n)``,
+        ``rank`` counting the kept entries before (a padding entry takes
+        the position of the last kept one before it, or ``length[b] - 1``)."""
+        xp, dev = namespace_and_device(self.key)
+        length = self.length
+        if keep is None:
+            steps = xp.arange(n, device=dev)
+            if length.ndim == 0:
+                return steps + length
+            return xp.expand_dims(xp.expand_dims(length, axis=1) + steps, axis=1)
+        rank = xp.cumulative_sum(xp.astype(keep, length.dtype), axis=1) - 1
+        return xp.expand_dims(xp.expand_dims(xp.broadcast_to(length, (keep.shape[0],)), axis=1)
+                              + rank, axis=1)
+
+
+def _gather(new: AnyArray, flat: AnyArray, M: int, old: AnyArray, write: AnyArray,
+            xp: Any) -> AnyArray:
+    """``old`` ``(B, Hkv, M, D)`` with the slots ``write`` taken from ``new``
+    ``(B, Hkv, n, D)`` at the flat indices ``flat`` (``b * n + t``, ``(B * M,)``)."""
+    B, H, n, D = new.shape
+    rows = xp.reshape(xp.permute_dims(new, (0, 2, 1, 3)), (B * n, H, D))
+    taken = xp.permute_dims(xp.reshape(xp.take(rows, flat, axis=0), (B, M, H, D)), (0, 2, 1, 3))
+    return xp.where(write, taken, old)
 
 
 def _register(like: AnyArray) -> None:

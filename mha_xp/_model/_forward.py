@@ -22,7 +22,7 @@ from .._lib._shapes import unbroadcast
 from .._run import run_attention
 from .._spec import AttentionSpec, LayerCall, Request
 from ._cache import KVCache
-from ._norm import qk_layer_norm, qk_layer_norm_backward
+from ._qk_norm import qk_norm, qk_norm_backward
 from ._params import LayerConfig
 from ._projections import (
     append_extras,
@@ -34,12 +34,10 @@ from ._projections import (
     project_backward,
     split_heads,
 )
+from ._rope import rope_frequencies
 from ._rotary import apply_rotary
 
 __all__ = ["LayerState", "Residuals", "layer_backward", "layer_forward", "layer_spec"]
-
-# Flax's LayerNorm epsilon, for normalize_qk.
-NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,10 @@ class LayerState:
     neg_slopes : array or None
         Minus the ALiBi slopes ``(H, 1, 1)`` in the compute dtype, for an
         ALiBi layer.
+    rope : (array, float) or None
+        RoPE's inverse frequencies (compute dtype) and attention factor, for
+        a rotary layer whose frequencies do not depend on the sequence
+        length (all but ``"dynamic"`` scaling).
     """
 
     params: dict[str, Array]
@@ -68,6 +70,7 @@ class LayerState:
     device: Any
     dtype: Any
     neg_slopes: Array | None = None
+    rope: tuple[Array, float] | None = None
 
     @classmethod
     def prepare(cls, params: dict[str, Array], config: LayerConfig, xp: ModuleType, device: Any,
@@ -78,7 +81,28 @@ class LayerState:
         if config.alibi is not None:
             neg_slopes = xp.reshape(-xp.asarray(config.alibi, dtype=compute_dtype(dtype, xp),
                                                 device=device), (config.num_heads, 1, 1))
-        return cls(params, config, xp, device, dtype, neg_slopes)
+        rope = None
+        scaling = config.rope_scaling
+        if config.rotary and (scaling is None or scaling["rope_type"] != "dynamic"):
+            rope = _layer_rope(config, None, xp, device, dtype)
+        return cls(params, config, xp, device, dtype, neg_slopes, rope)
+
+    def rope_at(self, seq_len: int) -> tuple[Array, float]:
+        """RoPE's frequencies and attention factor for a call over ``seq_len``
+        positions (only ``"dynamic"`` scaling depends on it)."""
+        if self.rope is not None:
+            return self.rope
+        return _layer_rope(self.config, seq_len, self.xp, self.device, self.dtype)
+
+
+def _layer_rope(config: LayerConfig, seq_len: int | None, xp: ModuleType, device: Any,
+                     dtype: Any) -> tuple[Array, float]:
+    """A rotary layer's inverse frequencies (in the compute dtype of
+    ``dtype``) and attention factor."""
+    return rope_frequencies(config.rotary_dim or config.head_dim, config.rotary_base,
+                         scaling=config.rope_scaling, seq_len=seq_len,
+                         max_position_embeddings=config.max_position_embeddings, xp=xp,
+                         device=device, dtype=compute_dtype(dtype, xp))
 
 
 @dataclass(frozen=True)
@@ -90,7 +114,8 @@ class Residuals:
     projections before QK norm; ``q``/``k``/``v`` what the core attended
     with (after norm, RoPE, the cache and the extra keys); ``heads`` and
     ``stats`` its output and row statistics; ``merged`` the heads merged
-    back to ``(B, L, E)``; ``pos_q``/``pos_k`` the rotary positions (None without RoPE); ``S``
+    back to ``(B, L, H * D)``; ``pos_q``/``pos_k`` the rotary positions and
+    ``rope`` the frequencies and attention factor (None without RoPE); ``S``
     the number of real keys.
     """
 
@@ -109,20 +134,44 @@ class Residuals:
     pos_q: Array | None
     pos_k: Array | None
     S: int
+    rope: tuple[Array, float] | None = None
 
 
-def _rotate(config: LayerConfig, x: Array, positions: Array, *, inverse: bool) -> Array:
-    return apply_rotary(x, positions, base=config.rotary_base,
-                        interleaved=config.rotary_interleaved, rotary_dim=config.rotary_dim,
-                        inverse=inverse)
+def _rotate(state: LayerState, x: Array, positions: Array, rope: tuple[Array, float], *,
+            inverse: bool) -> Array:
+    c = state.config
+    return apply_rotary(x, positions, interleaved=c.rotary_interleaved, rotary_dim=c.rotary_dim,
+                        inverse=inverse, inv_freq=rope[0], attention_factor=rope[1])
+
+
+def _normalise(state: LayerState, x: Array, which: str) -> Array:
+    c, p = state.config, state.params
+    return qk_norm(x, p[f"{which}_norm.weight"], p.get(f"{which}_norm.bias"), kind=c.qk_norm,
+                   eps=c.qk_norm_eps, offset=c.qk_norm_offset, xp=state.xp)
+
+
+def _normalise_backward(state: LayerState, grad: Array, x: Array, which: str,
+                        grads: dict[str, Array]) -> Array:
+    """The gradient through the QK norm of ``which`` ("q" or "k"), its
+    parameters' gradients written into ``grads``."""
+    c, p = state.config, state.params
+    dx, dw, db = qk_norm_backward(x, p[f"{which}_norm.weight"], p.get(f"{which}_norm.bias"), grad,
+                                  kind=c.qk_norm, eps=c.qk_norm_eps, offset=c.qk_norm_offset,
+                                  xp=state.xp)
+    grads[f"{which}_norm.weight"] = cast(Array, dw)
+    if db is not None:
+        grads[f"{which}_norm.bias"] = db
+    return dx
 
 
 def layer_spec(state: LayerState, call: LayerCall, *, is_causal: bool, key_keep: Array | None,
-               n_keys: int, cache: KVCache | None, dropout: tuple[float, int] | None,
+               n_keys: int, q_diag: Array | None, dropout: tuple[float, int] | None,
                ) -> AttentionSpec:
     """The spec of the layer's attention over ``n_keys`` keys with
     positions (the cache's slots, or the call's keys), followed by the extra
-    keys of ``add_bias_kv``/``add_zero_attn``, which have none."""
+    keys of ``add_bias_kv``/``add_zero_attn``, which have none; ``q_diag``
+    the queries' absolute positions in a cache (each sees the slots up to
+    its own)."""
     c, xp = state.config, state.xp
     n_extra = c.add_bias_kv + c.add_zero_attn
     mask, bias = call.mask, call.bias
@@ -130,13 +179,16 @@ def layer_spec(state: LayerState, call: LayerCall, *, is_causal: bool, key_keep:
         mask = None if mask is None else pad_last(mask, n_keys, n_extra, True, xp)
         bias = None if bias is None else pad_last(bias, n_keys, n_extra, 0.0, xp)
         key_keep = None if key_keep is None else pad_last(key_keep, n_keys, n_extra, True, xp)
-    q_diag = None
-    if cache is not None:  # query i sits at the cache's length + i: it sees the slots up to it
-        q_diag = xp.arange(call.query.shape[1], device=state.device) + cache.length
     window = (None if c.window is None
               else cast("tuple[int, int]", tuple(-1 if n is None else n for n in c.window)))
+    sinks = None
+    if c.sinks:
+        sinks = state.params["sinks"]
+        work = compute_dtype(state.dtype, xp)
+        sinks = xp.reshape(sinks if work == state.dtype else xp.astype(sinks, work), (-1, 1))
     return AttentionSpec(
-        scale=1.0 / math.sqrt(c.head_dim), mask=mask, key_keep=key_keep, bias=bias,
+        scale=1.0 / math.sqrt(c.head_dim) if c.scale is None else c.scale, sinks=sinks,
+        mask=mask, key_keep=key_keep, bias=bias,
         is_causal=is_causal, window=window, softcap=c.softcap, neg_slopes=state.neg_slopes,
         q_diag=q_diag, dropout=dropout, free_from=n_keys if n_extra else None)
 
@@ -171,21 +223,27 @@ def layer_forward(
     q_in, k_in, v = project(p, c, call.query, key, value, xp)
     q, k = q_in, k_in
     if c.normalize_qk:
-        q = qk_layer_norm(q, p["q_norm.weight"], eps=NORM_EPS, xp=xp)
-        k = qk_layer_norm(k, p["k_norm.weight"], eps=NORM_EPS, xp=xp)
+        q, k = _normalise(state, q, "q"), _normalise(state, k, "k")
     # Positions: bottom-right aligned (query i sits at key position
-    # i + S - L), and continuing from the cache's length when decoding.
-    pos_q = pos_k = None
+    # i + S - L), and continuing from the cache's length(s) when decoding.
+    pos_q = pos_k = rope = q_diag = None
+    call_keep = None if keep is None else xp.reshape(keep, tuple(keep.shape[:2]))
+    if cache is not None:  # self-attention: the call's queries are its keys
+        pos_q = pos_k = q_diag = cache.positions(L, call_keep)
     if c.rotary:
-        start = (S - L) if cache is None else cache.length
-        pos_q = xp.arange(L, device=state.device) + start
-        pos_k = xp.arange(S, device=state.device) + (0 if cache is None else cache.length)
-        q, k = _rotate(c, q, pos_q, inverse=False), _rotate(c, k, pos_k, inverse=False)
+        if cache is None:
+            pos_q = xp.arange(L, device=state.device) + (S - L)
+            pos_k = xp.arange(S, device=state.device)
+        rope = state.rope_at(S)
+        q = _rotate(state, q, cast(Array, pos_q), rope, inverse=False)
+        k = _rotate(state, k, cast(Array, pos_k), rope, inverse=False)
     if cache is not None:
-        new_cache = cache.append(k, v)
-        k, v, S = new_cache.key, new_cache.value, new_cache.max_length
+        # Padding takes no slot of the cache: the slots a query sees are its
+        # sequence's own (q_diag), so the padding mask has done its work.
+        new_cache = cache.append(k, v, call_keep)
+        k, v, S, key_keep = new_cache.key, new_cache.value, new_cache.max_length, None
     spec = layer_spec(state, call, is_causal=is_causal, key_keep=key_keep, n_keys=S,
-                      cache=cache, dropout=dropout)
+                      q_diag=q_diag, dropout=dropout)
     if c.add_bias_kv or c.add_zero_attn:
         k, v = append_extras(p, c, k, v, xp)
     heads, weights, stats = run_attention(q, k, v, spec, request, xp=xp)
@@ -197,7 +255,7 @@ def layer_forward(
     if request.return_stats:
         # return_stats: run_attention returned the statistics.
         res = Residuals(key, value, keep, q_in, k_in, q, k, v, heads,
-                        cast("tuple[Array, Array]", stats), merged, spec, pos_q, pos_k, S)
+                        cast("tuple[Array, Array]", stats), merged, spec, pos_q, pos_k, S, rope)
     return out, weights, res, (new_cache if cache is not None else None)
 
 
@@ -209,16 +267,20 @@ def layer_backward(state: LayerState, call: LayerCall, res: Residuals,
     if not call.batched:
         grad_out = xp.expand_dims(grad_out, axis=0)
     B, L, E = grad_out.shape
+    Q = c.num_heads * c.head_dim
     grads: dict[str, Array] = {}
     dy = xp.reshape(grad_out, (B * L, E))
     grads["out_proj.weight"] = xp.matmul(xp.matrix_transpose(dy),
-                                         xp.reshape(res.merged, (B * L, E)))
+                                         xp.reshape(res.merged, (B * L, Q)))
     if c.bias:
         grads["out_proj.bias"] = xp.sum(dy, axis=0)
-    d_heads = split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, E)),
+    d_heads = split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, Q)),
                           c.num_heads, xp)
-    dq, dk, dv, dbias = attend_backward(Saved(res.q, res.k, res.v, res.heads, res.stats),
-                                        d_heads, res.spec, call.chunk_size, xp=xp)
+    dq, dk, dv, dbias, dsinks = attend_backward(
+        Saved(res.q, res.k, res.v, res.heads, res.stats), d_heads, res.spec, call.chunk_size,
+        xp=xp)
+    if c.sinks:
+        grads["sinks"] = xp.reshape(cast(Array, dsinks), (c.num_heads,))
     if c.add_bias_kv or c.add_zero_attn:
         dk, dv, extra = extras_backward(c, dk, dv, res.S, xp)
         grads |= extra
@@ -227,12 +289,12 @@ def layer_backward(state: LayerState, call: LayerCall, res: Residuals,
     if call.bias is not None and tuple(cast(Array, dbias).shape) != tuple(call.bias.shape):
         dbias = unbroadcast(dbias, tuple(call.bias.shape), xp=xp)
     if c.rotary:
-        dq, dk = _rotate(c, dq, res.pos_q, inverse=True), _rotate(c, dk, res.pos_k, inverse=True)
+        rope = cast("tuple[Array, float]", res.rope)
+        dq = _rotate(state, dq, cast(Array, res.pos_q), rope, inverse=True)
+        dk = _rotate(state, dk, cast(Array, res.pos_k), rope, inverse=True)
     if c.normalize_qk:
-        dq, grads["q_norm.weight"] = qk_layer_norm_backward(
-            dq, res.q_in, p["q_norm.weight"], eps=NORM_EPS, xp=xp)
-        dk, grads["k_norm.weight"] = qk_layer_norm_backward(
-            dk, res.k_in, p["k_norm.weight"], eps=NORM_EPS, xp=xp)
+        dq = _normalise_backward(state, dq, res.q_in, "q", grads)
+        dk = _normalise_backward(state, dk, res.k_in, "k", grads)
     d_in, proj_grads = project_backward(p, c, (dq, dk, dv), (call.query, res.key, res.value), xp)
     grads |= proj_grads
     return _input_grads(state, call, res, d_in, dbias) | {

@@ -26,6 +26,9 @@ from array_api_compat import is_array_api_obj
 
 from .._checks import (
     check_alibi,
+    check_qk_norm_kind,
+    check_real,
+    check_scale,
     check_dropout_p,
     check_flag,
     check_positive_int,
@@ -37,6 +40,7 @@ from .._checks import (
 from .._lib._namespace import (Array, common_namespace, compute_namespace, device_of, dtype_name,
                                lib_name, require_real_floating)
 from .._core._positions import standard_alibi_slopes as alibi_slopes
+from ._rope import check_rope_scaling
 
 __all__ = [
     "OPTIONS",
@@ -53,11 +57,15 @@ __all__ = [
 
 #: The options a state dict does not determine (they are not parameters).
 OPTIONS = ("add_zero_attn", "rotary", "rotary_base", "rotary_interleaved", "rotary_dim",
-           "window", "alibi", "softcap", "dropout")
+           "window", "alibi", "softcap", "dropout", "scale", "qk_norm", "qk_norm_eps",
+           "qk_norm_offset", "rope_scaling", "max_position_embeddings")
 # The sizes a configuration derives when they are left None.
 _DERIVED = ("num_kv_heads", "head_dim", "kdim", "vdim")
 # Flags, each of which adds a pair of parameters.
-_PAIRS = {"add_bias_kv": ("bias_k", "bias_v"), "normalize_qk": ("q_norm.weight", "k_norm.weight")}
+_PAIRS = {"add_bias_kv": ("bias_k", "bias_v"), "normalize_qk": ("q_norm.weight", "k_norm.weight"),
+          "qk_norm_bias": ("q_norm.bias", "k_norm.bias")}
+# Parameters of their own: the attention sinks.
+_SINGLES = {"sinks": "sinks"}
 _PACKED = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight",
              "in_proj_bias", "out_proj.weight", "out_proj.bias")
@@ -66,7 +74,9 @@ _BIASES = ("in_proj_bias", "out_proj.bias")
 
 def _head_dim(embed_dim: int, num_heads: int) -> int:
     if embed_dim % num_heads:
-        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), "
+                         f"or pass head_dim= (the projections then have num_heads * head_dim "
+                         f"rows)")
     return embed_dim // num_heads
 
 
@@ -74,12 +84,8 @@ def _sizes(raw: Mapping[str, Any]) -> dict[str, int]:
     """The validated sizes of a configuration, the derived ones filled in."""
     E = check_positive_int("embed_dim", raw["embed_dim"])
     H = check_positive_int("num_heads", raw["num_heads"])
-    D = _head_dim(E, H)
-    if raw["head_dim"] is not None and check_positive_int("head_dim", raw["head_dim"]) != D:
-        raise ValueError(
-            f"head_dim must be embed_dim // num_heads = {E} // {H} = {D}, got "
-            f"{raw['head_dim']} (leave it None to derive it)"
-        )
+    D = (_head_dim(E, H) if raw["head_dim"] is None
+         else check_positive_int("head_dim", raw["head_dim"]))
     Hkv = H if raw["num_kv_heads"] is None else check_positive_int("num_kv_heads", raw["num_kv_heads"])
     if H % Hkv:
         raise ValueError(f"num_kv_heads ({Hkv}) must divide num_heads ({H})")
@@ -108,6 +114,22 @@ def _normalised(raw: Mapping[str, Any]) -> dict[str, Any]:
     out["alibi"] = tuple(alibi_slopes(H)) if alibi is True else alibi or None
     out["softcap"] = check_softcap(raw["softcap"])
     out["dropout"] = check_dropout_p(raw["dropout"], "dropout")
+    out["scale"] = None if raw["scale"] is None else check_scale(raw["scale"], D)
+    for name in ("sinks", "qk_norm_bias", "qk_norm_per_head"):
+        out[name] = check_flag(name, raw[name])
+    out["qk_norm"] = check_qk_norm_kind(raw["qk_norm"], "qk_norm")
+    out["qk_norm_eps"] = check_real("qk_norm_eps", raw["qk_norm_eps"], low=0.0,
+                                    what="a non-negative finite number")
+    out["qk_norm_offset"] = check_real("qk_norm_offset", raw["qk_norm_offset"],
+                                       what="a finite number (1.0 for Gemma's 1 + weight)")
+    if out["qk_norm_bias"] and out["qk_norm"] == "rms":
+        raise ValueError("qk_norm_bias=True is for qk_norm='layer' (a LayerNorm); an RMSNorm "
+                         "has no bias")
+    out["max_position_embeddings"] = (
+        None if raw["max_position_embeddings"] is None
+        else check_positive_int("max_position_embeddings", raw["max_position_embeddings"]))
+    out["rope_scaling"] = check_rope_scaling(raw["rope_scaling"], out["rotary_dim"] or D,
+                                             out["rotary_base"], out["max_position_embeddings"])
     return out
 
 
@@ -141,6 +163,25 @@ class LayerConfig:
         slopes), or None without ALiBi.
     softcap : float or None
     dropout : float
+    scale : float or None
+        The factor on ``Q K^T``; None: ``1 / sqrt(head_dim)``.
+    qk_norm : {"layer", "rms"}
+        The QK normalisation of ``normalize_qk``: a LayerNorm (mean-centred)
+        or an RMSNorm.
+    qk_norm_eps, qk_norm_offset : float
+        Its epsilon, and the offset added to its scales (1.0 for Gemma's
+        ``1 + weight``).
+    qk_norm_bias, qk_norm_per_head : bool
+        Whether it has biases (``q_norm.bias``, ``k_norm.bias``; LayerNorm
+        only), and scales per head (``(num_heads, head_dim)`` and
+        ``(num_kv_heads, head_dim)``) rather than shared ``(head_dim,)``.
+    sinks : bool
+        A learnable attention-sink logit per query head (parameter ``sinks``).
+    rope_scaling : dict or None
+        RoPE's scaling, in the form of Hugging Face's ``rope_parameters``
+        (``"rope_type"`` and that scheme's keys); None: plain RoPE.
+    max_position_embeddings : int or None
+        The model's context length, which some scalings read.
     """
 
     embed_dim: int
@@ -161,6 +202,15 @@ class LayerConfig:
     alibi: tuple[float, ...] | None = None
     softcap: float | None = None
     dropout: float = 0.0
+    scale: float | None = None
+    qk_norm: str = "layer"
+    qk_norm_eps: float = 1e-6
+    qk_norm_offset: float = 0.0
+    qk_norm_bias: bool = False
+    qk_norm_per_head: bool = False
+    sinks: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         for name, value in _normalised(self._fields()).items():
@@ -212,6 +262,9 @@ class LayerConfig:
         out = self._fields()
         for name in ("window", "alibi"):
             out[name] = None if out[name] is None else list(out[name])
+        if out["rope_scaling"] is not None:
+            out["rope_scaling"] = {k: list(v) if isinstance(v, tuple) else v
+                                   for k, v in out["rope_scaling"].items()}
         return out
 
     @classmethod
@@ -263,7 +316,10 @@ class LayerConfig:
         if self.num_kv_heads != self.num_heads:
             parts.append(f"num_kv_heads={self.num_kv_heads}")
         defaults = {f.name: f.default for f in fields(self)}
-        for name in ("add_bias_kv", "normalize_qk", *OPTIONS):
+        if self.head_dim * self.num_heads != self.embed_dim:
+            parts.append(f"head_dim={self.head_dim}")
+        for name in ("add_bias_kv", "normalize_qk", "qk_norm_bias", "qk_norm_per_head", "sinks",
+                     *OPTIONS):
             value = getattr(self, name)
             if value != defaults[name]:
                 parts.append(f"{name}={value!r}")
@@ -283,25 +339,30 @@ def param_shapes(config: LayerConfig, *, packed: bool | None = None) -> dict[str
     """The state dict of a layer with ``config``: torch's names, in torch's
     order, with their shapes. ``packed``: one ``in_proj_weight`` rather than
     three projections (default: packed where the sizes allow it, as torch)."""
-    E, D = config.embed_dim, config.head_dim
-    F = config.num_kv_heads * D
+    E, D, H = config.embed_dim, config.head_dim, config.num_heads
+    Q, F = H * D, config.num_kv_heads * D
     if packed is None:
-        packed = config.kdim == config.vdim == F == E
+        packed = config.kdim == config.vdim == F == Q == E
     shapes: dict[str, tuple[int, ...]] = {}
     if packed:
         shapes["in_proj_weight"] = (3 * E, E)
     else:
-        shapes |= {"q_proj_weight": (E, E), "k_proj_weight": (F, config.kdim),
+        shapes |= {"q_proj_weight": (Q, E), "k_proj_weight": (F, config.kdim),
                    "v_proj_weight": (F, config.vdim)}
     if config.bias:
-        shapes["in_proj_bias"] = (E + 2 * F,)
+        shapes["in_proj_bias"] = (Q + 2 * F,)
     if config.add_bias_kv:
         shapes |= {"bias_k": (1, 1, F), "bias_v": (1, 1, F)}
-    shapes["out_proj.weight"] = (E, E)
+    shapes["out_proj.weight"] = (E, Q)
     if config.bias:
         shapes["out_proj.bias"] = (E,)
     if config.normalize_qk:
-        shapes |= {"q_norm.weight": (D,), "k_norm.weight": (D,)}
+        q_shape, k_shape = ((H, D), (config.num_kv_heads, D)) if config.qk_norm_per_head else ((D,), (D,))
+        shapes |= {"q_norm.weight": q_shape, "k_norm.weight": k_shape}
+        if config.qk_norm_bias:
+            shapes |= {"q_norm.bias": q_shape, "k_norm.bias": k_shape}
+    if config.sinks:
+        shapes["sinks"] = (H,)
     return shapes
 
 
@@ -315,6 +376,7 @@ def check_param_names(names: Iterable[str]) -> None:
     for pair in _PAIRS.values():
         if all(n in names for n in pair):
             expected |= set(pair)
+    expected |= names & set(_SINGLES.values())
     missing, extra = expected - names, names - expected
     if missing or extra:
         msg = "state_dict does not describe a torch.nn.MultiheadAttention:"
@@ -352,13 +414,14 @@ def check_param_shapes(config: LayerConfig, shapes: Mapping[str, tuple[int, ...]
     """The names and shapes of a state dict are those :func:`param_shapes`
     gives ``config`` (in either layout of the input projections)."""
     packed = "in_proj_weight" in shapes
-    F = config.num_kv_heads * config.head_dim
-    if packed and not config.kdim == config.vdim == F == config.embed_dim:
+    F, Q = config.num_kv_heads * config.head_dim, config.num_heads * config.head_dim
+    if packed and not config.kdim == config.vdim == F == Q == config.embed_dim:
         raise ValueError(
             f"in_proj_weight packs the three input projections, which needs kdim = vdim = "
-            f"num_kv_heads * head_dim = embed_dim = {config.embed_dim}, but the layer has "
-            f"kdim={config.kdim}, vdim={config.vdim}, num_kv_heads={config.num_kv_heads}: "
-            f"give q_proj_weight, k_proj_weight and v_proj_weight instead"
+            f"num_kv_heads * head_dim = num_heads * head_dim = embed_dim = "
+            f"{config.embed_dim}, but the layer has kdim={config.kdim}, vdim={config.vdim}, "
+            f"num_kv_heads={config.num_kv_heads}, head_dim={config.head_dim}: give "
+            f"q_proj_weight, k_proj_weight and v_proj_weight instead"
         )
     expected = param_shapes(config, packed=packed)
     missing, extra = set(expected) - set(shapes), set(shapes) - set(expected)
@@ -382,10 +445,11 @@ def config_from_shapes(
     with the key projection."""
     check_param_names(shapes)
     out_w = tuple(shapes["out_proj.weight"])
-    if len(out_w) != 2 or out_w[0] != out_w[1]:
-        raise ValueError(f"out_proj.weight must have shape (E, E), got {out_w}")
-    E, H = out_w[0], check_positive_int("num_heads", num_heads)
-    D = _head_dim(E, H)
+    H = check_positive_int("num_heads", num_heads)
+    if len(out_w) != 2 or out_w[1] == 0 or out_w[1] % H:
+        raise ValueError(f"out_proj.weight must have shape (embed_dim, num_heads * head_dim) "
+                         f"with num_heads = {H}, got {out_w}")
+    E, D = out_w[0], out_w[1] // H
     if "in_proj_weight" in shapes:
         kv_dim = kdim = vdim = E
     else:
@@ -407,7 +471,9 @@ def config_from_shapes(
     config = LayerConfig.from_options(
         E, H, num_kv_heads=kv_dim // D, kdim=kdim, vdim=vdim,
         bias="in_proj_bias" in shapes, add_bias_kv="bias_k" in shapes,
-        normalize_qk="q_norm.weight" in shapes, **check_option_names(options))
+        normalize_qk="q_norm.weight" in shapes, qk_norm_bias="q_norm.bias" in shapes,
+        qk_norm_per_head=len(shapes.get("q_norm.weight", ())) == 2, sinks="sinks" in shapes,
+        head_dim=D, **check_option_names(options))
     check_param_shapes(config, shapes)
     return config
 
@@ -424,30 +490,35 @@ def init_params(config: LayerConfig, seed: Any) -> dict[str, np.ndarray]:
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-bound, bound, size=(fan_out, fan_in))
 
-    E, kv_dim = config.embed_dim, config.num_kv_heads * config.head_dim
+    shapes = param_shapes(config)
+    E, Q = config.embed_dim, config.num_heads * config.head_dim
+    kv_dim = config.num_kv_heads * config.head_dim
     params: dict[str, Array] = {}
     # The draws keep torch's order (in-projections, bias_k, bias_v, output
     # projection), so that a seed's weights never change.
-    if "in_proj_weight" in param_shapes(config):
+    if "in_proj_weight" in shapes:
         params["in_proj_weight"] = xavier(3 * E, E)
     else:
-        params["q_proj_weight"] = xavier(E, E)
+        params["q_proj_weight"] = xavier(Q, E)
         params["k_proj_weight"] = xavier(kv_dim, config.kdim)
         params["v_proj_weight"] = xavier(kv_dim, config.vdim)
     if config.bias:
-        params["in_proj_bias"] = np.zeros(E + 2 * kv_dim)
+        params["in_proj_bias"] = np.zeros(Q + 2 * kv_dim)
     if config.add_bias_kv:
         # torch: xavier_normal_ on a (1, 1, kv_dim) tensor, fan_in = fan_out = kv_dim
         std = math.sqrt(1.0 / kv_dim)
         params["bias_k"] = rng.normal(0.0, std, size=(1, 1, kv_dim))
         params["bias_v"] = rng.normal(0.0, std, size=(1, 1, kv_dim))
-    bound = 1.0 / math.sqrt(E)
-    params["out_proj.weight"] = rng.uniform(-bound, bound, size=(E, E))
+    bound = 1.0 / math.sqrt(Q)  # torch's Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    params["out_proj.weight"] = rng.uniform(-bound, bound, size=(E, Q))
     if config.bias:
         params["out_proj.bias"] = np.zeros(E)
-    if config.normalize_qk:
-        params["q_norm.weight"] = np.ones(config.head_dim)
-        params["k_norm.weight"] = np.ones(config.head_dim)
+    # QK-norm scales are ones (Flax's and Hugging Face's default; zeros with
+    # Gemma's offset 1, whose scale is 1 + weight), biases and sinks zeros.
+    ones = 1.0 - config.qk_norm_offset
+    for name in ("q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias", "sinks"):
+        if name in shapes:
+            params[name] = np.full(shapes[name], ones if name.endswith("weight") else 0.0)
     return params
 
 
@@ -459,18 +530,19 @@ def state_dict_from_weights(w: Mapping[str, Array], b: Mapping[str, Array | None
     layer's namespace) and biases ``b`` (1-D or None; a missing one is zero
     when any is given): one packed ``in_proj_weight`` when all projections
     are ``(E, E)``."""
-    E = w["out_weight"].shape[0]
+    E, Q = w["out_weight"].shape
     kv_dim = w["k_weight"].shape[0]
     H = num_heads if isinstance(num_heads, int) and not isinstance(num_heads, bool) else 0
-    if kv_dim != E and H > 0 and E % H == 0:
-        D = E // H
+    if kv_dim != Q and H > 0 and Q % H == 0:
+        D = Q // H
         if kv_dim == 0 or kv_dim % D or H % (kv_dim // D):
             raise ValueError(
-                f"k_weight must have {E} rows (out_features = embed_dim, from out_weight), "
-                f"or num_kv_heads * head_dim rows for a num_kv_heads dividing num_heads = "
-                f"{H} (head_dim = {D}), got shape {tuple(w['k_weight'].shape)}"
+                f"k_weight must have {Q} rows (out_features = num_heads * head_dim, from "
+                f"out_weight's columns), or num_kv_heads * head_dim rows for a num_kv_heads "
+                f"dividing num_heads = {H} (head_dim = {D}), got shape "
+                f"{tuple(w['k_weight'].shape)}"
             )
-    for name, rows, what in (("q_weight", E, "embed_dim, from out_weight"),
+    for name, rows, what in (("q_weight", Q, "num_heads * head_dim, from out_weight's columns"),
                              ("k_weight", kv_dim, "from k_weight"),
                              ("v_weight", kv_dim, "num_kv_heads * head_dim, from k_weight")):
         if w[name].shape[0] != rows:
@@ -479,7 +551,7 @@ def state_dict_from_weights(w: Mapping[str, Array], b: Mapping[str, Array | None
                 f"got shape {tuple(w[name].shape)}"
             )
     params: dict[str, Array] = {}
-    same = (kv_dim == E and w["k_weight"].shape[1] == E and w["v_weight"].shape[1] == E
+    same = (kv_dim == E == Q and w["k_weight"].shape[1] == E and w["v_weight"].shape[1] == E
             and w["q_weight"].shape[1] == E)
     if same:
         params["in_proj_weight"] = xp.concat(
@@ -490,7 +562,7 @@ def state_dict_from_weights(w: Mapping[str, Array], b: Mapping[str, Array | None
                    "v_proj_weight": w["v_weight"]}
     params["out_proj.weight"] = w["out_weight"]
     if any(a is not None for a in b.values()):
-        sizes = {"q_bias": E, "k_bias": kv_dim, "v_bias": kv_dim, "out_bias": E}
+        sizes = {"q_bias": Q, "k_bias": kv_dim, "v_bias": kv_dim, "out_bias": E}
         for name, a in b.items():
             if a is not None and a.shape != (sizes[name],):
                 raise ValueError(f"{name} must have shape ({sizes[name]},), got {tuple(a.shape)}")

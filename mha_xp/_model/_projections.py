@@ -49,11 +49,11 @@ def in_weights(params: dict[str, Array], config: LayerConfig) -> tuple[Array, Ar
 def in_biases(params: dict[str, Array], config: LayerConfig,
               ) -> tuple[Array | None, Array | None, Array | None]:
     """The query, key and value projection biases (views of ``in_proj_bias``)."""
-    b, E = params.get("in_proj_bias"), config.embed_dim
+    b, Q = params.get("in_proj_bias"), config.num_heads * config.head_dim
     if b is None:
         return None, None, None
     F = config.num_kv_heads * config.head_dim
-    return b[:E], b[E:E + F], b[E + F:]
+    return b[:Q], b[Q:Q + F], b[Q + F:]
 
 
 def project(params: dict[str, Array], config: LayerConfig, query: Array, key: Array,

@@ -24,17 +24,15 @@ dtype, rounded again (``LlamaRMSNorm`` and its copies: Qwen3, Mistral, Qwen2;
 2 normalises the whole ``H * D`` projection, not each head: reshape it to
 ``(..., 1, L, H * D)`` for these functions.
 
-The validators live here until they move to ``_checks.py``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from .._checks import check_flag
+from .._checks import QK_NORM_KINDS, check_flag, check_qk_norm_kind, check_real
 from .._lib._namespace import (
     Array,
     common_namespace,
@@ -45,28 +43,7 @@ from .._lib._namespace import (
     require_real_floating,
 )
 
-__all__ = ["QK_NORM_KINDS", "qk_norm", "qk_norm_backward"]
-
-QK_NORM_KINDS = ("rms", "layer")
-
-
-def _check_kind(kind: Any) -> str:
-    if not isinstance(kind, str) or kind not in QK_NORM_KINDS:
-        raise ValueError(
-            f"kind must be 'rms' (x / sqrt(mean(x**2) + eps), Qwen3, Gemma 3) or 'layer' "
-            f"(mean-centred LayerNorm, Cohere, Phi), got {kind!r}"
-        )
-    return kind
-
-
-def _check_real(name: str, value: Any, *, low: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__} {value!r}")
-    v = float(value)  # drops NumPy scalars, which would up-cast float32 (NEP 50)
-    if not (math.isfinite(v) and v >= low):
-        raise ValueError(f"{name} must be {what}, got {value}")
-    return v
-
+__all__ = ["QK_NORM_KINDS", "qk_norm", "qk_norm_backward", "qk_norm_vjp"]
 
 def _check_param(name: str, p: Array | None, x: Array, xp: ModuleType) -> None:
     """A weight or bias: ``x``'s dtype, shape ``(D,)`` or ``(H, D)``."""
@@ -101,10 +78,10 @@ def _check(x: Array, weight: Array | None, bias: Array | None, kind: Any, eps: A
         )
     _check_param("weight", weight, x, xp)
     _check_param("bias", bias, x, xp)
-    kind = _check_kind(kind)
-    eps = _check_real("eps", eps, low=0.0, what="a non-negative finite number")
-    offset = _check_real("offset", offset, low=-math.inf,
-                         what="a finite number (1.0 for Gemma's 1 + weight)")
+    kind = check_qk_norm_kind(kind)
+    eps = check_real("eps", eps, low=0.0, what="a non-negative finite number")
+    offset = check_real("offset", offset,
+                        what="a finite number (1.0 for Gemma's 1 + weight)")
     if offset != 0.0 and weight is None:
         raise ValueError(f"offset={offset} applies to a weight (offset + weight): pass weight=")
     if bias is not None and kind == "rms":
@@ -196,6 +173,7 @@ def qk_norm(
     Examples
     --------
     >>> import numpy as np
+    >>> from mha_xp import qk_norm
     >>> x = np.array([[[[3.0, 4.0]]]])                 # (B, H, L, D)
     >>> qk_norm(x, np.array([1.0, 2.0]), eps=0.0)       # rms = sqrt(12.5)
     array([[[[0.84852814, 2.2627417 ]]]])
@@ -317,3 +295,71 @@ def qk_norm_backward(
     if kind == "layer":
         inner = inner - xp.mean(g, axis=-1, keepdims=True)
     return xp.astype(rstd * inner, x.dtype), dweight, dbias
+
+
+def qk_norm_vjp(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    kind: str = "rms",
+    eps: float = 1e-6,
+    offset: float = 0.0,
+) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
+    """:func:`qk_norm` and a function computing its gradients (vector-Jacobian product).
+
+    Parameters
+    ----------
+    x, weight, bias, kind, eps, offset
+        As in :func:`qk_norm`.
+
+    Returns
+    -------
+    y : array
+        ``qk_norm(x, weight, bias, kind=kind, eps=eps, offset=offset)``.
+    backward : callable
+        ``backward(grad_y)`` takes the gradient of a scalar loss with
+        respect to ``y`` (``x``'s shape and dtype) and returns a dict with
+        the gradients ``"x"``, and ``"weight"`` and ``"bias"`` when they
+        were given, each with its argument's shape and dtype (a shared
+        weight's gradient sums over the heads and the batch). The
+        statistics are recomputed from ``x``: nothing is stored but the
+        inputs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`qk_norm`; ``backward`` raises them for a ``grad_y`` that
+        does not match ``x``.
+
+    Notes
+    -----
+    With ``x̂`` the normalised features, ``σ`` their scale and
+    ``g' = grad_y * (offset + weight)``:
+    ``dx = (g' - x̂ · mean(g' x̂)) / σ`` (rms) and
+    ``dx = (g' - mean(g') - x̂ · mean(g' x̂)) / σ`` (layer);
+    ``dweight = Σ grad_y · x̂``, ``dbias = Σ grad_y``. 16-bit inputs are
+    computed in float32 and each gradient rounded once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mha_xp
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 5, 8))   # (B, H, L, D)
+    >>> y, backward = mha_xp.qk_norm_vjp(x, np.ones(8))
+    >>> grads = backward(np.ones_like(y))
+    >>> sorted(grads), grads["weight"].shape
+    (['weight', 'x'], (8,))
+    """
+    y = qk_norm(x, weight, bias, kind=kind, eps=eps, offset=offset)
+
+    def backward(grad_y: Array) -> dict[str, Array]:
+        dx, dw, db = qk_norm_backward(x, weight, bias, grad_y, kind=kind, eps=eps, offset=offset)
+        grads = {"x": dx}
+        if dw is not None:
+            grads["weight"] = dw
+        if db is not None:
+            grads["bias"] = db
+        return grads
+
+    return y, backward

@@ -1,6 +1,6 @@
 """RoPE frequencies with the scaling schemes of long-context models, and their tables.
 
-:func:`rope_inv_freq` reproduces Hugging Face transformers'
+:func:`rope_frequencies` reproduces Hugging Face transformers'
 ``ROPE_INIT_FUNCTIONS`` (``modeling_rope_utils.py``: ``default``, ``linear``,
 ``dynamic``, ``llama3``, ``yarn``, ``longrope``) formula for formula, in
 float64 on the host; :func:`rope_tables` turns positions into the cosines and
@@ -19,6 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
+from ..typing import Namespace
+
 from .._checks import check_dtype, check_positive_int, check_rotary_base
 from .._lib._namespace import (
     Array,
@@ -31,7 +35,7 @@ from .._lib._namespace import (
     require_real_floating,
 )
 
-__all__ = ["ROPE_TYPES", "rope_inv_freq", "rope_tables"]
+__all__ = ["ROPE_TYPES", "check_rope_scaling", "rope_frequencies", "rope_tables"]
 
 DEFAULT_BASE = 10000.0  # Hugging Face's ``default_theta``
 
@@ -336,14 +340,14 @@ _SCHEMES: dict[str, Callable[..., tuple[list[float], float]]] = {
 }
 
 
-def rope_inv_freq(
+def rope_frequencies(
     dim: int,
     base: float | None = None,
     *,
     scaling: Mapping[str, Any] | str | None = None,
     seq_len: int | None = None,
     max_position_embeddings: int | None = None,
-    xp: ModuleType,
+    xp: Namespace | None = None,
     device: Any = None,
     dtype: Any = None,
 ) -> tuple[Array, float]:
@@ -399,8 +403,9 @@ def rope_inv_freq(
         The config's ``max_position_embeddings``: needed by ``"dynamic"``,
         and in place of a missing ``original_max_position_embeddings`` or
         (YaRN, LongRoPE) ``factor``, as Hugging Face fills them in.
-    xp : module
-        The array namespace of the result (``numpy``, ``torch``, ...).
+    xp : module, optional
+        The array namespace of the result (``numpy``, ``torch``, ...);
+        default NumPy.
     device : device, optional
         The device of the result (the namespace's default when None).
     dtype : dtype, optional
@@ -434,14 +439,16 @@ def rope_inv_freq(
     Examples
     --------
     >>> import numpy as np
-    >>> inv, af = rope_inv_freq(8, 10000.0, xp=np)
+    >>> import numpy as np
+    >>> from mha_xp import rope_frequencies
+    >>> inv, af = rope_frequencies(8, 10000.0)
     >>> [round(float(f), 6) for f in inv], af
     ([1.0, 0.1, 0.01, 0.001], 1.0)
-    >>> inv, af = rope_inv_freq(8, 10000.0, scaling={"rope_type": "linear", "factor": 4.0}, xp=np)
+    >>> inv, af = rope_frequencies(8, 10000.0, scaling={"rope_type": "linear", "factor": 4.0})
     >>> [round(float(f), 6) for f in inv], af
     ([0.25, 0.025, 0.0025, 0.00025], 1.0)
     """
-    ns = compute_namespace(normalize_namespace(xp))
+    ns = compute_namespace(normalize_namespace(np if xp is None else xp))
     dim = _check_dim(dim)
     rope_type, params = _check_scaling(scaling)
     base = _check_base(base, params)
@@ -453,6 +460,25 @@ def rope_inv_freq(
     else:
         freqs, attention_factor = _SCHEMES[rope_type](dim, base, params, seq_len, max_pos)
     return ns.asarray(freqs, dtype=dtype, device=device), float(attention_factor)
+
+
+def check_rope_scaling(scaling: Any, dim: int, base: float,
+                       max_position_embeddings: int | None) -> dict[str, Any] | None:
+    """A layer's ``rope_scaling`` in normal form: None for plain RoPE, else a
+    dict with ``"rope_type"`` and the scheme's keys (lists as tuples, no
+    ``rope_theta``, which must then equal the layer's ``base``), checked by
+    computing the frequencies once, so that every error appears when the
+    layer is made rather than at its first call."""
+    rope_type, params = _check_scaling(scaling)
+    _check_base(base, params)  # a rope_theta in the dict must be the layer's rotary_base
+    if rope_type == "default":
+        return None
+    rope_frequencies(dim, base, scaling=params, max_position_embeddings=max_position_embeddings,
+                  xp=np)
+    out: dict[str, Any] = {"rope_type": rope_type}
+    out |= {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
+    return out
 
 
 def _check_tables(positions: Array, inv_freq: Array, attention_factor: Any,
@@ -497,11 +523,11 @@ def rope_tables(
         row of positions per sequence (left-padded prompts in a batch), or
         fractional positions.
     inv_freq : array
-        ``(dim // 2,)``, real floating, from :func:`rope_inv_freq` or the
+        ``(dim // 2,)``, real floating, from :func:`rope_frequencies` or the
         caller; of ``positions``' library and device.
     attention_factor : float, default 1.0
         Multiplies both tables, as Hugging Face's rotary modules do (their
-        ``attention_scaling``); from :func:`rope_inv_freq`.
+        ``attention_scaling``); from :func:`rope_frequencies`.
     xp : module, optional
         The array namespace; inferred from the arrays by default.
     dtype : dtype, optional
@@ -537,7 +563,7 @@ def rope_tables(
     Examples
     --------
     >>> import numpy as np
-    >>> inv, af = rope_inv_freq(4, 100.0, xp=np)
+    >>> inv, af = rope_frequencies(4, 100.0, xp=np)
     >>> cos, sin = rope_tables(np.arange(3), inv, af)
     >>> cos.shape, np.round(sin[2], 4)
     ((3, 2), array([0.9093, 0.1987]))

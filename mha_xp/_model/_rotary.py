@@ -15,6 +15,7 @@ from .._lib._namespace import (
     require_real_floating,
 )
 from ..typing import Array
+from ._rope import DEFAULT_BASE, rope_frequencies, rope_tables
 
 __all__ = ["apply_rotary"]
 
@@ -34,9 +35,11 @@ def _check_rotary_dim(rotary_dim: Any, features: int) -> int:
 
 
 def _check_positions(positions: AnyArray, target: tuple[int, ...], xp: ModuleType) -> None:
-    if not xp.isdtype(positions.dtype, "integral"):
+    if not (xp.isdtype(positions.dtype, "integral")
+            or xp.isdtype(positions.dtype, "real floating")):
         raise TypeError(
-            f"positions must be an integer array, got dtype {dtype_name(positions.dtype)}"
+            f"positions must be an integer or real floating array, got dtype "
+            f"{dtype_name(positions.dtype)}"
         )
     shape = tuple(positions.shape)
     if not broadcasts_to(shape, target):
@@ -54,13 +57,16 @@ def apply_rotary(
     interleaved: bool = False,
     rotary_dim: int | None = None,
     inverse: bool = False,
+    inv_freq: Array | None = None,
+    attention_factor: float = 1.0,
 ) -> Array:
     """Rotate the features of queries or keys by their positions (RoPE).
 
     Feature pair ``p`` (of ``rotary_dim / 2``) at position ``m`` is rotated by
-    the angle ``m * base ** (-2 p / rotary_dim)``, so that the dot product of
-    a rotated query at position ``m`` with a rotated key at position ``n``
-    depends on ``m - n`` only.
+    the angle ``m * inv_freq[p]``, by default ``inv_freq[p] = 1 / base **
+    (2 p / rotary_dim)``, so that the dot product of a rotated query at
+    position ``m`` with a rotated key at position ``n`` depends on ``m - n``
+    only.
 
     Parameters
     ----------
@@ -69,10 +75,12 @@ def apply_rotary(
         ``(..., L)`` slice (the layout ``(B, H, L, D)`` of
         :func:`scaled_dot_product_attention`; for ``(B, L, H, D)`` pass
         positions shaped ``(B, L, 1)`` or ``(L, 1)``).
-    positions : array of int, optional
+    positions : array of int or float, optional
         The position of each vector, broadcasting to ``x.shape[:-1]``; by
         default ``0, 1, ..., L - 1`` along axis ``-2``. Offsets for a KV cache
-        or packed sequences go here.
+        or packed sequences go here, and a row per sequence (``(B, 1, L)``
+        for ``(B, H, L, D)``) for left-padded batches; fractional positions
+        are allowed.
     base : float, default 10000.0
         The base of the geometric sequence of frequencies (``rope_theta`` in
         Hugging Face configurations).
@@ -89,7 +97,19 @@ def apply_rotary(
         since a rotation is orthogonal it is also the backward:
         ``apply_rotary(grad, positions, inverse=True, ...)`` (same options) is
         the gradient with respect to ``x`` of a loss whose gradient with
-        respect to the output is ``grad``.
+        respect to the output is ``grad``. With an ``attention_factor``
+        ``a != 1`` it is the transpose (the backward), which multiplies by
+        ``a`` too, not the inverse.
+    inv_freq : array, optional
+        The inverse frequencies, ``(rotary_dim // 2,)``, real floating, of
+        ``x``'s library and device: those of RoPE's scalings, from
+        :func:`rope_frequencies`, or the caller's own. Default: from
+        ``base``; giving both is an error unless ``base`` is left at its
+        default.
+    attention_factor : float, default 1.0
+        Multiplies the rotated features (Hugging Face multiplies its cosine
+        and sine tables by it: YaRN's and LongRoPE's ``attention_scaling``,
+        from :func:`rope_frequencies`).
 
     Returns
     -------
@@ -125,7 +145,7 @@ def apply_rotary(
     >>> bool(np.allclose(mha_xp.apply_rotary(q_rot, inverse=True), q))
     True
     """
-    xp, dev = common_namespace(x=x, positions=positions)
+    xp, dev = common_namespace(x=x, positions=positions, inv_freq=inv_freq)
     require_real_floating("x", x, xp)
     if x.ndim < 2:
         raise ValueError(
@@ -144,10 +164,15 @@ def apply_rotary(
 
     ct = compute_dtype(x.dtype, xp)
     half = rd // 2
-    # Frequencies in float64 on the host, rounded once to the compute dtype.
-    inv_freq = xp.asarray([base ** (-2.0 * p / rd) for p in range(half)], dtype=ct, device=dev)
-    angle = xp.astype(positions, ct)[..., None] * inv_freq  # (..., L, half)
-    cos, sin = xp.cos(angle), xp.sin(angle)
+    if inv_freq is None:
+        inv_freq, _ = rope_frequencies(rd, base, xp=xp, device=dev, dtype=ct)
+    elif base != DEFAULT_BASE:
+        raise ValueError(f"give base (here {base}) or inv_freq, not both: inv_freq sets the "
+                         f"frequencies that base would")
+    elif tuple(inv_freq.shape) != (half,):
+        raise ValueError(f"inv_freq must have shape (rotary_dim // 2,) = ({half},), got "
+                         f"{tuple(inv_freq.shape)}")
+    cos, sin = rope_tables(positions, inv_freq, attention_factor, xp=xp, dtype=ct)
     if inverse:
         sin = -sin
 

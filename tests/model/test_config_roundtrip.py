@@ -225,7 +225,9 @@ def _good(**changes):
     (_good(rotary_base=-1.0), ["malformed", "rotary_base must be a positive finite"]),
     (_good(window=[1.5, 0]), ["malformed", "window must be a pair of ints"]),
     (_good(alibi=[0.5]), ["malformed", "alibi must hold num_heads = 4"]),
-    (_good(head_dim=2), ["malformed", "head_dim must be embed_dim // num_heads"]),
+    # head_dim is free (num_heads * head_dim need not be embed_dim): a wrong one is
+    # a configuration that does not match the weights.
+    (_good(head_dim=2), ["inconsistent", "head_dim=2", "head_dim=4"]),
     (_good(kdim=5), ["inconsistent", "kdim=5", "kdim=16"]),
     (_good(embed_dim=8, head_dim=2), ["inconsistent", "embed_dim=8", "embed_dim=16"]),
     (_good(add_bias_kv=True), ["inconsistent", "add_bias_kv=True"]),

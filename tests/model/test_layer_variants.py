@@ -355,8 +355,13 @@ class TestKVCache:
             layer(x, cache=cache)
         with pytest.raises(ValueError, match="self-attention"):
             layer(x, x, cache=cache, is_causal=True)
-        with pytest.raises(ValueError, match="key_padding_mask is not supported with a cache"):
-            layer(x, cache=cache, is_causal=True, key_padding_mask=np.zeros((2, 3), dtype=bool))
+        # key_padding_mask is allowed (per-sequence lengths); a mask is not.
+        with pytest.raises(ValueError, match="mask is not supported with a cache"):
+            layer(x, cache=cache, is_causal=True, mask=np.ones((3, 3), dtype=bool))
+        dynamic = MHA(8, 2, rotary=True, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                      max_position_embeddings=8, seed=0)
+        with pytest.raises(ValueError, match="rope_scaling 'dynamic' changes the frequencies"):
+            dynamic(x, cache=dynamic.init_cache(2, 4), is_causal=True)
         with pytest.raises(ValueError, match=r"cache.key must have shape \(B, num_kv_heads"):
             layer(x[:1], cache=cache, is_causal=True)
         with pytest.raises(ValueError, match="at most max_length = 2"):

@@ -19,7 +19,7 @@ import pytest
 
 from support import assert_preserved
 from support.hf import hf_in_float64
-from mha_xp._model._rope import rope_inv_freq, rope_tables
+from mha_xp._model._rope import rope_frequencies, rope_tables
 
 torch = pytest.importorskip("torch", reason="the comparisons with Hugging Face need torch")
 transformers = pytest.importorskip(
@@ -126,7 +126,7 @@ def test_inv_freq_matches_hugging_face(case: str, monkeypatch: pytest.MonkeyPatc
     config = make()
     params = _params(config, layer_type)
     for seq_len in seq_lens:
-        inv, af = rope_inv_freq(DIM, scaling=params, seq_len=seq_len, max_position_embeddings=max_pos
+        inv, af = rope_frequencies(DIM, scaling=params, seq_len=seq_len, max_position_embeddings=max_pos
                                 or getattr(config, "max_position_embeddings", None), xp=np)
         assert inv.dtype == np.float64 and inv.shape == (DIM // 2,)
         hf32, hf_af = _hf_inv_freq(config, layer_type, seq_len)
@@ -144,21 +144,21 @@ def test_schemes_change_what_they_should() -> None:
     """A sanity check independent of Hugging Face: linear divides every
     frequency, llama3 keeps the fastest and divides the slowest, YaRN's
     attention factor is 0.1 ln(factor) + 1."""
-    plain, _ = rope_inv_freq(DIM, 10000.0, xp=np)
-    linear, _ = rope_inv_freq(DIM, 10000.0, scaling={"rope_type": "linear", "factor": 4.0}, xp=np)
+    plain, _ = rope_frequencies(DIM, 10000.0, xp=np)
+    linear, _ = rope_frequencies(DIM, 10000.0, scaling={"rope_type": "linear", "factor": 4.0}, xp=np)
     np.testing.assert_allclose(linear, plain / 4.0, rtol=1e-15)
-    l3, _ = rope_inv_freq(DIM, 10000.0, scaling={
+    l3, _ = rope_frequencies(DIM, 10000.0, scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}, xp=np)
     assert l3[0] == plain[0] and l3[-1] == plain[-1] / 8.0
-    _, af = rope_inv_freq(DIM, scaling={"rope_type": "yarn", "factor": 16.0,
+    _, af = rope_frequencies(DIM, scaling={"rope_type": "yarn", "factor": 16.0,
                                         "original_max_position_embeddings": 64}, xp=np)
     assert af == 0.1 * np.log(16.0) + 1.0
     # dynamic: unchanged up to max_position_embeddings, a larger base beyond.
     dyn = {"rope_type": "dynamic", "factor": 2.0}
-    same, _ = rope_inv_freq(DIM, 10000.0, scaling=dyn, seq_len=10, max_position_embeddings=64, xp=np)
+    same, _ = rope_frequencies(DIM, 10000.0, scaling=dyn, seq_len=10, max_position_embeddings=64, xp=np)
     np.testing.assert_array_equal(same, plain)
-    grown, _ = rope_inv_freq(DIM, 10000.0, scaling=dyn, seq_len=640, max_position_embeddings=64, xp=np)
+    grown, _ = rope_frequencies(DIM, 10000.0, scaling=dyn, seq_len=640, max_position_embeddings=64, xp=np)
     assert grown[0] == 1.0 and np.all(grown[1:] < plain[1:])
 
 
@@ -188,7 +188,7 @@ def test_tables_match_hugging_face_module(case: str, monkeypatch: pytest.MonkeyP
     config = make()
     pos = _positions(case)
     seq_len = int(pos.max()) + 1  # what the module's dynamic update reads
-    inv, af = rope_inv_freq(DIM, scaling=_params(config, layer_type), seq_len=seq_len,
+    inv, af = rope_frequencies(DIM, scaling=_params(config, layer_type), seq_len=seq_len,
                             max_position_embeddings=max_pos or config.max_position_embeddings, xp=np)
     cos, sin = rope_tables(pos, inv, af)
     assert cos.shape == sin.shape == pos.shape + (DIM // 2,)
@@ -222,13 +222,13 @@ BACKEND_SCHEMES = [
 
 @pytest.mark.parametrize("scaling", BACKEND_SCHEMES, ids=["default", "llama3", "yarn"])
 def test_backends_agree_with_numpy(backend: Any, dtype: str, scaling: Any) -> None:
-    inv, af = rope_inv_freq(DIM, 150000.0, scaling=scaling, xp=backend.xp, device=backend.device)
-    ref_inv, ref_af = rope_inv_freq(DIM, 150000.0, scaling=scaling, xp=np)
+    inv, af = rope_frequencies(DIM, 150000.0, scaling=scaling, xp=backend.xp, device=backend.device)
+    ref_inv, ref_af = rope_frequencies(DIM, 150000.0, scaling=scaling, xp=np)
     assert_preserved(backend, inv, "float64", (DIM // 2,))
     np.testing.assert_array_equal(backend.to_numpy(inv), ref_inv)  # computed on the host
     assert af == ref_af
 
-    inv_d, _ = rope_inv_freq(DIM, 150000.0, scaling=scaling, xp=backend.xp, device=backend.device,
+    inv_d, _ = rope_frequencies(DIM, 150000.0, scaling=scaling, xp=backend.xp, device=backend.device,
                              dtype=backend.dtype(dtype))
     assert_preserved(backend, inv_d, dtype, (DIM // 2,))
 
@@ -245,7 +245,7 @@ def test_backends_agree_with_numpy(backend: Any, dtype: str, scaling: Any) -> No
 
 
 def test_float16_tables_round_once() -> None:
-    inv, af = rope_inv_freq(DIM, 10000.0, xp=np)
+    inv, af = rope_frequencies(DIM, 10000.0, xp=np)
     pos = np.arange(20)
     cos, sin = rope_tables(pos, inv, af, dtype=np.float16)
     assert cos.dtype == np.float16
@@ -299,7 +299,7 @@ BAD_SCALINGS = [
                          ids=[f"bad{i}" for i in range(len(BAD_SCALINGS))])
 def test_bad_scaling_refused(scaling: Any, exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
-        rope_inv_freq(DIM, 10000.0, scaling=scaling, xp=np)
+        rope_frequencies(DIM, 10000.0, scaling=scaling, xp=np)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -313,11 +313,11 @@ def test_bad_scaling_refused(scaling: Any, exc: type, match: str) -> None:
 def test_bad_arguments_refused(kwargs: dict[str, Any], exc: type, match: str) -> None:
     args = {"dim": DIM, "base": 10000.0, "xp": np, **kwargs}
     with pytest.raises(exc, match=match):
-        rope_inv_freq(args.pop("dim"), args.pop("base"), **args)
+        rope_frequencies(args.pop("dim"), args.pop("base"), **args)
 
 
 def test_bad_tables_refused() -> None:
-    inv, _ = rope_inv_freq(DIM, xp=np)
+    inv, _ = rope_frequencies(DIM, xp=np)
     pos = np.arange(4)
     with pytest.raises(TypeError, match=r"positions must be an integer or real floating array, got dtype bool"):
         rope_tables(pos > 1, inv)
@@ -330,6 +330,6 @@ def test_bad_tables_refused() -> None:
 
 
 def test_mixed_libraries_refused() -> None:
-    inv, _ = rope_inv_freq(DIM, xp=np)
+    inv, _ = rope_frequencies(DIM, xp=np)
     with pytest.raises(TypeError, match=r"inv_freq is a torch array but positions is a numpy array"):
         rope_tables(np.arange(4), torch.from_numpy(inv))

@@ -244,10 +244,10 @@ class TestHandMadeCache:
         assert KVCache(k, v, length).length is length
 
     @pytest.mark.parametrize("length, error, match", [
-        ([3], TypeError, "cache.length must be a 0-d integer array or an int, got list"),
-        (3.0, TypeError, "cache.length must be a 0-d integer array or an int, got float"),
-        (True, TypeError, "cache.length must be a 0-d integer array or an int, got bool"),
-        (None, TypeError, "cache.length must be a 0-d integer array or an int"),
+        ([3], TypeError, "cache.length must be an integer array \\(0-d or \\(B,\\)\\) or an int, got list"),
+        (3.0, TypeError, "cache.length must be an integer array \\(0-d or \\(B,\\)\\) or an int, got float"),
+        (True, TypeError, "cache.length must be an integer array \\(0-d or \\(B,\\)\\) or an int, got bool"),
+        (None, TypeError, "cache.length must be an integer array \\(0-d or \\(B,\\)\\) or an int"),
         (-1, ValueError, r"cache.length must be in \[0, max_length\] = \[0, 6\].*got -1"),
         (7, ValueError, r"cache.length must be in \[0, max_length\] = \[0, 6\].*got 7"),
     ])
@@ -259,11 +259,13 @@ class TestHandMadeCache:
     def test_bad_array_lengths(self, backend, rng):
         k, v = _kv(backend, rng)
         xp, dev = backend.cxp, backend.device
-        with pytest.raises(TypeError, match=r"0-d signed integer array .* shape \(1,\)"):
-            KVCache(k, v, xp.asarray([2], device=dev))
-        with pytest.raises(TypeError, match="0-d signed integer array .* dtype float64"):
+        # One length per sequence, (B,), is a cache's other form; (B + 1,) is not.
+        assert KVCache(k, v, xp.asarray([2], device=dev)).length.shape == (1,)
+        with pytest.raises(ValueError, match=r"0-d .* or of shape \(B,\) = \(1,\) .* got shape \(2,\)"):
+            KVCache(k, v, xp.asarray([2, 3], device=dev))
+        with pytest.raises(TypeError, match="signed integer array .* dtype float64"):
             KVCache(k, v, xp.asarray(2.0, dtype=xp.float64, device=dev))
-        with pytest.raises(TypeError, match="0-d signed integer array .* dtype uint8"):
+        with pytest.raises(TypeError, match="signed integer array .* dtype uint8"):
             KVCache(k, v, xp.asarray(2, dtype=xp.uint8, device=dev))
         negative = xp.asarray(-2, device=dev)
         if backend.name in ("numpy", "torch") or backend.name.startswith("array_api_strict"):
