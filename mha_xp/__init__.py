@@ -12,6 +12,7 @@ from ._attention import (
     merge_attention,
     scaled_dot_product_attention,
 )
+from ._blocks import BlockMask, create_block_mask
 from ._model._cache import KVCache
 from ._config import (
     DEFAULT_MEMORY_BUDGET,
@@ -32,6 +33,7 @@ from ._model._rotary import apply_rotary
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
     "DEFAULT_MEMORY_BUDGET",
     "KVCache",
     "MultiHeadAttention",
@@ -40,6 +42,7 @@ __all__ = [
     "apply_rotary",
     "attention_vjp",
     "attention_with_lse",
+    "create_block_mask",
     "get_memory_budget",
     "get_native_kernels",
     "get_num_threads",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType, SimpleNamespace
 from typing import Any, Literal, cast, overload
 
+from ._blocks import BlockMask, block_chunks, check_modifiers
 from ._checks import (
     check_alibi_slopes,
     check_bias,
@@ -43,7 +44,7 @@ from ._lib._softmax import lse_from_stats, merge_partials
 from ._porting import FUNCTION_KEYWORDS, refuse_foreign
 from ._run import run_attention, threads_for
 from ._spec import AttentionSpec, Request
-from .typing import Array
+from .typing import Array, MaskMod, ScoreMod, ScoreModVJP
 
 __all__ = [
     "alibi_slopes",
@@ -176,8 +177,10 @@ def _validate(
     query: AnyArray, key: AnyArray, value: AnyArray, mask: AnyArray | None, bias: AnyArray | None,
     is_causal: Any, scale: Any, enable_gqa: Any, window: Any, alibi_slopes: Any, softcap: Any,
     cu_seqlens_q: Any, cu_seqlens_k: Any, dropout_p: Any, seed: Any, sinks: Any = None,
+    mods: tuple[Any, Any, Any, Any] = (None, None, None, None), vjp: bool = False,
 ) -> tuple[ModuleType, AttentionSpec]:
-    """The public attention functions' validation: the namespace and the spec."""
+    """The public attention functions' validation: the namespace and the spec
+    (``mods``: ``score_mod``, ``mask_mod``, ``block_mask``, ``score_mod_vjp``)."""
     xp, dev = common_namespace(query=query, key=key, value=value, mask=mask, bias=bias,
                                sinks=sinks)
     dtype = check_same_dtype(xp, query=query, key=key, value=value)
@@ -194,9 +197,10 @@ def _validate(
     if sinks is not None:
         check_sinks(sinks, dtype, scores_shape, xp)
         sinks = xp.reshape(sinks if work == dtype else xp.astype(sinks, work), (-1, 1))
+    modifiers = check_modifiers(xp, dev, work, scores_shape, *mods, vjp=vjp)
     spec = AttentionSpec(
         scale=check_scale(scale, query.shape[-1], work, xp),
-        mask=mask, bias=bias, sinks=sinks,
+        mask=mask, bias=bias, sinks=sinks, **modifiers,
         is_causal=check_flag("is_causal", is_causal), window=window, softcap=softcap,
         neg_slopes=neg_slopes, dropout=check_dropout(dropout_p, seed), **packed)
     return xp, spec
@@ -225,6 +229,9 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     seed: int | None = None,
     sinks: Array | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
 ) -> Array: ...
 
 
@@ -251,6 +258,9 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     seed: int | None = None,
     sinks: Array | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
 ) -> tuple[Array, Array]: ...
 
 
@@ -277,6 +287,9 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     seed: int | None = None,
     sinks: Array | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
 ) -> Array | tuple[Array, Array]: ...
 
 
@@ -303,6 +316,9 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     seed: int | None = None,
     sinks: Array | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Scaled dot-product attention on any array API library.
 
@@ -517,9 +533,10 @@ def scaled_dot_product_attention(
     """
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
                          alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed,
-                         sinks)
+                         sinks, (score_mod, mask_mod, block_mask, None))
     return_weights = check_flag("return_weights", return_weights)
-    request = Request(return_weights=return_weights, chunk_size=check_chunk_size(chunk_size),
+    request = Request(return_weights=return_weights,
+                      chunk_size=block_chunks(check_chunk_size(chunk_size), block_mask),
                       memory_budget=memory_budget, num_threads=check_num_threads(num_threads))
     out, weights, _ = run_attention(query, key, value, spec, request, xp=xp)
     # weights is not None: asked for by return_weights.
@@ -548,6 +565,9 @@ def attention_with_lse(
     dropout_p: float = 0.0,
     seed: int | None = None,
     sinks: Array | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
 ) -> tuple[Array, Array]:
     """Attention output and the per-row log-sum-exp of the scores.
 
@@ -608,8 +628,9 @@ def attention_with_lse(
     """
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
                          alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed,
-                         sinks)
-    request = Request(return_stats=True, chunk_size=check_chunk_size(chunk_size),
+                         sinks, (score_mod, mask_mod, block_mask, None))
+    request = Request(return_stats=True,
+                      chunk_size=block_chunks(check_chunk_size(chunk_size), block_mask),
                       memory_budget=memory_budget, num_threads=check_num_threads(num_threads))
     out, _, stats = run_attention(query, key, value, spec, request, xp=xp)
     return out, lse_from_stats(cast("tuple[AnyArray, AnyArray]", stats), xp=xp)
@@ -711,6 +732,10 @@ def attention_vjp(
     dropout_p: float = 0.0,
     seed: int | None = None,
     sinks: Array | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod_vjp: ScoreModVJP | None = None,
 ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
     """Attention and a function computing its gradients (vector-Jacobian product).
 
@@ -791,8 +816,8 @@ def attention_vjp(
     """
     xp, spec = _validate(query, key, value, mask, bias, is_causal, scale, enable_gqa, window,
                          alibi_slopes, softcap, cu_seqlens_q, cu_seqlens_k, dropout_p, seed,
-                         sinks)
-    chunk_size = check_chunk_size(chunk_size)
+                         sinks, (score_mod, mask_mod, block_mask, score_mod_vjp), vjp=True)
+    chunk_size = block_chunks(check_chunk_size(chunk_size), block_mask)
     threads = check_num_threads(num_threads)
     request = Request(return_stats=True, chunk_size=chunk_size, memory_budget=memory_budget,
                       num_threads=threads)
@@ -801,9 +826,13 @@ def attention_vjp(
 
     def backward(grad_out: Array) -> dict[str, Array]:
         check_grad(grad_out, out, xp=xp, name="grad_out")
+        # A fresh sum, per call, for the gradients of a score_mod's captured arrays.
+        run = spec if score_mod_vjp is None else spec.replace(mod_grads={})
         with threads_for(threads):
-            dq, dk, dv, dbias, dsinks = core_backward(saved, grad_out, spec, chunk_size, xp=xp)
+            dq, dk, dv, dbias, dsinks = core_backward(saved, grad_out, run, chunk_size, xp=xp)
         grads = {"query": dq, "key": dk, "value": dv}
+        if run.mod_grads:
+            grads["score_mod"] = dict(run.mod_grads)
         if bias is not None:
             grads["bias"] = dbias
         if sinks is not None:

@@ -9,6 +9,7 @@ from typing import Any, Literal, cast, overload
 import numpy as np
 from array_api_compat import array_namespace, device as device_of, is_array_api_obj
 
+from ._blocks import BlockMask, block_chunks, check_modifiers
 from ._checks import (
     check_cache_call,
     check_cache_owner,
@@ -23,6 +24,7 @@ from ._checks import (
 )
 from ._lib._namespace import (
     Array as AnyArray,
+    compute_dtype,
     convert,
     dtype_name,
     lib_name,
@@ -45,7 +47,7 @@ from ._model._params import (
 from ._porting import LAYER_CALL_KEYWORDS, LAYER_INIT_KEYWORDS, refuse_foreign
 from ._run import threads_for
 from ._spec import Request
-from .typing import Array, Device, DType, Namespace
+from .typing import Array, Device, DType, MaskMod, Namespace, ScoreMod, ScoreModVJP
 
 __all__ = ["MultiHeadAttention"]
 
@@ -587,7 +589,7 @@ class MultiHeadAttention:
             ``model.transformer.h[i].attn`` (GPT-2), ``.attention`` (GPT-NeoX)
             or ``.self_attention`` (BLOOM, Falcon), ``encoder.layer[i].attention``
             (BERT), a decoder layer's ``encoder_attn`` (Whisper, BART) or
-            ``layer[1].EncDecAttention`` (T5); see :doc:`porting_hf` for the
+            ``layer[1].EncDecAttention`` (T5); see :doc:`/user_guide/porting_hf` for the
             table of families.
         config : transformers.PretrainedConfig
             The model's configuration (``model.config``): it holds the head
@@ -619,9 +621,9 @@ class MultiHeadAttention:
         """
         from ._hf import port_module  # the families' ports; torch is imported only here
 
-        ported = port_module(module, config)
-        params = {name: t.detach().clone() for name, t in ported.state_dict.items()}
-        layer = cls._from_params(params, ported.num_heads, np if xp is None else xp, device,
+        ported = port_module(module, config)  # its tensors are detached copies already
+        layer = cls._from_params(dict(ported.state_dict), ported.num_heads,
+                                 np if xp is None else xp, device,
                                  check_option_names(ported.options), ported.num_kv_heads)
         return layer if dtype is None else layer.to(dtype=dtype)
 
@@ -766,6 +768,9 @@ class MultiHeadAttention:
         cache: None = None,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
     ) -> Array: ...
 
     @overload
@@ -787,6 +792,9 @@ class MultiHeadAttention:
         cache: None = None,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
     ) -> tuple[Array, Array]: ...
 
     @overload
@@ -808,6 +816,9 @@ class MultiHeadAttention:
         cache: KVCache,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
     ) -> tuple[Array, KVCache]: ...
 
     @overload
@@ -829,6 +840,9 @@ class MultiHeadAttention:
         cache: KVCache,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
     ) -> tuple[Array, Array, KVCache]: ...
 
     @overload
@@ -850,6 +864,9 @@ class MultiHeadAttention:
         cache: KVCache | None = None,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
     ) -> Array | tuple[Array, Array] | tuple[Array, KVCache] | tuple[Array, Array, KVCache]: ...
 
     @refuse_foreign(LAYER_CALL_KEYWORDS, "MultiHeadAttention")
@@ -871,6 +888,9 @@ class MultiHeadAttention:
         cache: KVCache | None = None,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
     ) -> Array | tuple[Array, Array] | tuple[Array, KVCache] | tuple[Array, Array, KVCache]:
         """Apply multi-head attention.
 
@@ -998,9 +1018,11 @@ class MultiHeadAttention:
                              dtype=self._dtype,
                              rope_type=None if c.rope_scaling is None
                              else c.rope_scaling["rope_type"])
+        mods = self._modifiers(call, cache, score_mod, mask_mod, block_mask)
         out, weights, _, cache = layer_forward(
-            self._state(), call, is_causal=is_causal, cache=cache, dropout=dropout,
-            request=Request(return_weights=return_weights, chunk_size=call.chunk_size,
+            self._state(), call, is_causal=is_causal, cache=cache, dropout=dropout, mods=mods,
+            request=Request(return_weights=return_weights,
+                            chunk_size=block_chunks(call.chunk_size, block_mask),
                             memory_budget=memory_budget,
                             num_threads=check_num_threads(num_threads)))
         if return_weights:
@@ -1073,6 +1095,10 @@ class MultiHeadAttention:
         num_threads: int | None = None,
         training: bool = False,
         dropout_seed: int | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
+        block_mask: BlockMask | None = None,
+        score_mod_vjp: ScoreModVJP | None = None,
     ) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
         """Apply the layer and return a function computing its gradients.
 
@@ -1144,15 +1170,18 @@ class MultiHeadAttention:
         dropout = check_training(training, dropout_seed, self._config.dropout)
         threads = check_num_threads(num_threads)
         state = self._state()
+        mods = self._modifiers(call, None, score_mod, mask_mod, block_mask, score_mod_vjp,
+                               vjp=True)
+        chunks = block_chunks(call.chunk_size, block_mask)
         out, _, res, _ = layer_forward(
-            state, call, is_causal=is_causal, dropout=dropout,
-            request=Request(return_stats=True, chunk_size=call.chunk_size,
+            state, call, is_causal=is_causal, dropout=dropout, mods=mods,
+            request=Request(return_stats=True, chunk_size=chunks,
                             memory_budget=memory_budget, num_threads=threads))
 
         def backward(grad_out: Array) -> dict[str, Array]:
             check_grad(grad_out, out, xp=self._xp, name="grad_out")
             with threads_for(threads):
-                return layer_backward(state, call, cast(Residuals, res), grad_out)
+                return layer_backward(state, call, cast(Residuals, res), grad_out, chunks)
 
         return out, backward
 
@@ -1160,6 +1189,18 @@ class MultiHeadAttention:
 
     def _state(self) -> LayerState:
         return self._prepared
+
+    def _modifiers(self, call: Any, cache: KVCache | None, score_mod: Any, mask_mod: Any,
+                   block_mask: Any, score_mod_vjp: Any = None, *,
+                   vjp: bool = False) -> dict[str, Any]:
+        """The spec's modifier fields of a call (see :func:`check_modifiers`)."""
+        c = self._config
+        B, L = call.query.shape[0], call.query.shape[1]
+        S = (call.key.shape[1] if cache is None else cache.max_length) + (
+            c.add_bias_kv + c.add_zero_attn)
+        return check_modifiers(self._xp, self._device, compute_dtype(self._dtype, self._xp),
+                               (B, c.num_heads, L, S), score_mod, mask_mod, block_mask,
+                               score_mod_vjp, vjp=vjp)
 
     def _check_call(self, query: AnyArray, key: AnyArray | None, value: AnyArray | None,
                     key_padding_mask: AnyArray | None, mask: AnyArray | None,

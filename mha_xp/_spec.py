@@ -68,6 +68,31 @@ class AttentionSpec:
         more term ``exp(sink)`` in every row's softmax sum, with no value.
         Applied once to a whole call's result (:mod:`._core._dispatch`),
         never to a block.
+    score_mod, mask_mod : callable or None
+        The caller's modifiers, torch FlexAttention's
+        ``score_mod(score, b, h, q_idx, kv_idx)`` (after soft-capping, the
+        bias and ALiBi) and ``mask_mod(b, h, q_idx, kv_idx)`` (True = may
+        attend), evaluated block by block (:mod:`._core._modifiers`).
+    score_mod_vjp : callable or None
+        ``score_mod_vjp(grad, score, b, h, q_idx, kv_idx)``: the gradient
+        with respect to ``score_mod``'s score, or ``(that, {name: gradient
+        of a captured array})``; None: ``score_mod`` adds a term that does
+        not depend on the score (its derivative is 1).
+    mod_heads : int
+        The query heads ``H`` of the call, from which the modifiers' ``b``
+        and ``h`` are read off the flattened leading index.
+    mod_groups : (int, int) or None
+        ``(Hkv, G)`` when the core computes grouped-query blocks
+        ``(..., Hkv, G, Lb, Sb)``; the modifiers see them as ``(..., H, Lb, Sb)``.
+    mod_q_index : array or None
+        The modifiers' ``q_idx`` per query when it is not the query's row:
+        the absolute positions of a KV cache, ``(L,)`` or ``(B, 1, L)``.
+    block_mask : BlockMask or None
+        Which blocks of the scores the ``mask_mod`` leaves empty or full
+        (:func:`mha_xp.create_block_mask`), for the chunked path to skip.
+    mod_grads : dict or None
+        Where a backward with a ``score_mod_vjp`` that returns gradients of
+        captured arrays sums them, by name (a fresh dict per backward).
     """
 
     scale: float
@@ -84,6 +109,14 @@ class AttentionSpec:
     dropout: tuple[float, int] | None = None
     free_from: int | None = None
     sinks: Array | None = None
+    score_mod: Any = None
+    mask_mod: Any = None
+    score_mod_vjp: Any = None
+    mod_heads: int = 1
+    mod_groups: tuple[int, int] | None = None
+    mod_q_index: Array | None = None
+    block_mask: Any = None
+    mod_grads: dict[str, Array] | None = None
 
     def replace(self, **changes: Any) -> AttentionSpec:
         """A copy with ``changes``."""

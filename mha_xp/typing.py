@@ -27,10 +27,11 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
-__all__ = ["Array", "DType", "Device", "Namespace"]
+__all__ = ["Array", "DType", "Device", "MaskMod", "Namespace", "ScoreMod", "ScoreModVJP"]
 
 
 class Array(Protocol):
@@ -55,3 +56,14 @@ Namespace = ModuleType
 Device = Any
 #: A dtype object of an array library.
 DType = Any
+
+#: ``score_mod(score, b, h, q_idx, kv_idx) -> score``: torch FlexAttention's
+#: score modifier, on broadcasting arrays of any library.
+ScoreMod = Callable[[Array, Array, Array, Array, Array], Array]
+
+#: ``mask_mod(b, h, q_idx, kv_idx) -> bool array`` (True = may attend).
+MaskMod = Callable[[Array, Array, Array, Array], Array]
+
+#: ``score_mod_vjp(grad, score, b, h, q_idx, kv_idx)``: the gradient with
+#: respect to the score, or that and a dict of captured arrays' gradients.
+ScoreModVJP = Callable[..., Any]

@@ -29,10 +29,12 @@ from support.backends import ALL_BACKENDS, FLOAT16_BACKENDS, Backend, make_backe
 # Test files whose backend-parametrised tests run on JAX and Dask by default.
 SLOW_BACKEND_FILES = {
     "jax": {"test_attention.py", "test_layer.py", "test_chunked.py", "test_backward.py",
-            "test_random.py", "test_scaling.py"},
+            "test_random.py", "test_scaling.py", "test_batched_decoding.py", "test_hf_decoders.py",
+            "test_hf_fused.py", "test_sinks.py", "test_modifiers.py"},
     "dask": {"test_attention.py", "test_layer.py", "test_chunked.py", "test_variants.py",
              "test_dropout.py", "test_random.py", "test_regressions.py", "test_scaling.py",
-             "test_nonfinite.py"},
+             "test_nonfinite.py", "test_batched_decoding.py", "test_hf_decoders.py",
+             "test_hf_fused.py", "test_sinks.py", "test_modifiers.py"},
 }
 
 

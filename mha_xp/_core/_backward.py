@@ -26,7 +26,9 @@ loops run in a fixed order: repeated calls give bit-identical results.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -38,6 +40,7 @@ from .._lib._shapes import broadcast_lead, unbroadcast
 from .._lib._softmax import probabilities
 from .._spec import AttentionSpec, Block
 from ._finite import finite_part
+from ._modifiers import EMPTY, FULL, block_kind, modify_backward
 from ._positions import diag_offset, dropout_scale, key_range, with_lead_index
 from ._scores import block_scores
 
@@ -135,15 +138,27 @@ def attention_backward(
                 if spec.bias is not None:
                     bias_cols.append(_bias_zeros(spec.bias, rows, cols, xp=xp))
                 continue
-            s, t = block_scores(q_scaled[..., rows, :], key, spec, rows, cols, offset, xp=xp,
-                                in_place=in_place, return_tanh=True)
-            p = probabilities(s, (m[..., rows, :], l[..., rows, :]), xp=xp, in_place=in_place)
+            kind = block_kind(spec, block, rows, cols)
+            if kind == EMPTY:  # the block mask knows nothing is attended here
+                if spec.bias is not None:
+                    bias_cols.append(_bias_zeros(spec.bias, rows, cols, xp=xp))
+                continue
+            # A score_mod keeps the scores it was given: no writing over them.
+            own = in_place and spec.score_mod is None
+            s, t, before = block_scores(q_scaled[..., rows, :], key, spec, rows, cols, offset,
+                                        xp=xp, in_place=own, return_tanh=True, block=block,
+                                        full=kind == FULL)
+            p = probabilities(s, (m[..., rows, :], l[..., rows, :]), xp=xp, in_place=own)
+            chain = None if before is None else partial(
+                modify_backward, spec=spec, block=block, rows=rows, cols=cols, xp=xp,
+                before=before)
             dq_j, dk, dv, dbias = _block_grads(
                 p, t, dropout_scale(spec, block, rows, cols, dtype=query.dtype, xp=xp, device=dev),
                 (grad_out[..., rows, :], flagged[..., rows, :], delta[..., rows, :],
                  q_scaled[..., rows, :]),
                 (key[..., cols, :], value[..., cols, :]),
-                None if spec.bias is None else tuple(spec.bias.shape), xp=xp, in_place=in_place)
+                None if spec.bias is None else tuple(spec.bias.shape), xp=xp, in_place=own,
+                chain=chain)
             bias_cols.append(dbias)
             dq = dq_j if dq is None else dq + dq_j
             grads.dk[jb] = dk if grads.dk[jb] is None else grads.dk[jb] + dk
@@ -183,13 +198,14 @@ def _finite_inputs(saved: Saved, grad_out: Array, /, *, xp: ModuleType,
 def _block_grads(
     p: Array, t: Array | None, drop: Array | None, row_arrays: tuple[Array, Array, Array, Array],
     col_arrays: tuple[Array, Array], bias_shape: tuple[int, ...] | None, /, *,
-    xp: ModuleType, in_place: bool,
+    xp: ModuleType, in_place: bool, chain: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     """``(dq, dk, dv, dbias)`` of one score block from its probabilities ``p``
     (and ``t = tanh(s / softcap)``, dropout's factors ``drop``), the rows'
     ``(dO, dO with the bad-row column, rowsum(dO * O), scaled Q)`` and the
     columns' ``(K, V)``. ``dv`` carries one more column: the weight that
-    bad rows give each key (before dropout)."""
+    bad rows give each key (before dropout). ``chain`` takes the score
+    gradient through a ``score_mod``."""
     do, flagged, d_i, q = row_arrays
     k_j, v_j = col_arrays
     dp = xp.matmul(do, xp.matrix_transpose(v_j))
@@ -200,6 +216,8 @@ def _block_grads(
                         xp.matmul(xp.matrix_transpose(p), flagged[..., -1:])], axis=-1)
         dp = multiply_into(dp, drop, xp=xp, in_place=in_place)
     ds = gated_difference(dp, d_i, p, xp=xp, in_place=in_place)
+    if chain is not None:  # through the caller's score_mod
+        ds = chain(ds)
     dbias = None
     if bias_shape is not None:  # NaN where a bad row gives weight
         zero = xp.zeros((), dtype=p.dtype, device=device_of(p))

@@ -27,6 +27,7 @@ from .._lib._namespace import Array, device_of
 from .._lib._shapes import broadcast_lead, expand
 from .._lib._softmax import probabilities, row_shift, safe_divisor, with_ones_column
 from .._spec import AttentionSpec, Block, Plan
+from ._modifiers import EMPTY, FULL, block_kind
 from ._positions import diag_offset, dropout_scale, key_range, with_lead_index
 from ._scores import block_scores
 
@@ -91,8 +92,11 @@ def chunked_attention(
         j_start, j_end = key_range(rows.start, rows.stop, S, offset, spec)
         for j0 in range(j_start, j_end, k_block):
             cols = slice(j0, min(j0 + k_block, j_end))
+            kind = block_kind(spec, block, rows, cols)
+            if kind == EMPTY:  # the block mask knows the mask_mod allows nothing here
+                continue
             s = block_scores(query[..., rows, :], key, spec, rows, cols, offset, xp=xp,
-                             in_place=in_place)
+                             in_place=in_place, block=block, full=kind == FULL)
             drop = dropout_scale(spec, block, rows, cols, dtype=dtype, xp=xp, device=dev)
             _accumulate(state, s, value[..., cols, :], drop, xp=xp, in_place=in_place)
         rows_lead = lead + (rows.stop - rows.start,)
@@ -147,6 +151,8 @@ def chunked_weights(
     from the forward's row statistics, so that asking for them never changes
     the output. Rows with nothing to attend to are all zero."""
     L, S = query.shape[-2], key.shape[-2]
+    block = with_lead_index(spec, block, broadcast_lead(query, key, key), xp=xp,
+                            device=device_of(query))
     offset = diag_offset(L, S, spec, block)
     query = query * spec.scale
     in_place = writes_in_place(xp) if in_place is None else in_place
@@ -158,7 +164,7 @@ def chunked_weights(
         q, row_stats = query[..., rows, :], (m[..., rows, :], l[..., rows, :])
         parts = [
             probabilities(block_scores(q, key, spec, rows, slice(j0, min(j0 + k_block, S)),
-                                       offset, xp=xp, in_place=in_place),
+                                       offset, xp=xp, in_place=in_place, block=block),
                           row_stats, xp=xp, in_place=in_place)
             for j0 in range(0, S, k_block)
         ]

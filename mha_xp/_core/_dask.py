@@ -52,7 +52,7 @@ __all__ = ["attend_blocks", "merge_core"]
 # The spec's arrays, by the axis they run along in a task: the keys (a core
 # axis) or the queries (a loop axis, like the rows' indices).
 _KEY_ARRAYS = ("mask", "key_keep", "bias", "neg_slopes", "k_seg")
-_ROW_ARRAYS = ("q_seg", "q_diag")
+_ROW_ARRAYS = ("q_seg", "q_diag", "mod_q_index")
 
 
 def _block_task(
@@ -190,7 +190,7 @@ def attend_blocks(
             args.append(a)
             signature.append("()")
         names.append(name)
-    if spec.dropout is not None:
+    if spec.dropout is not None or spec.score_mod is not None or spec.mask_mod is not None:
         # The global flattened index of every leading (batch, head) position,
         # with a size-1 query axis: each task gets those of its block.
         lead = broadcast_shapes(*(tuple(int(n) for n in t.shape[:-2])

@@ -29,7 +29,7 @@ def run(query: Array, key: Array, value: Array, spec: AttentionSpec, block: Bloc
     # Scale Q (L x D) rather than the scores (L x S).
     scores = cast(Array, block_scores(query * spec.scale, key, spec, *everything,
                                       diag_offset(L, S, spec, block), xp=xp,
-                                      in_place=writes_in_place(xp)))
+                                      in_place=writes_in_place(xp), block=block))
     if spec.dropout is None:
         # Leave exp(s - m) unnormalised, get its row sums from the P V matmul
         # and divide the (L, Dv) output rather than the (L, S) probabilities:

@@ -82,6 +82,8 @@ def backward(saved: Saved, grad_out: Array, spec: AttentionSpec, block: Block,
     work = (5 * math.prod(broadcast_lead(query, key, value)) * query.shape[-2] * key.shape[-2]
             * (query.shape[-1] + value.shape[-1]) // 2)
     threads = parallel_threads((query, key, value, grad_out), work, None)
-    if threads > 1:
+    # The gradients of a score_mod's captured arrays are sums over blocks:
+    # summed in one fixed order, serially, so that they are reproducible.
+    if threads > 1 and spec.mod_grads is None:
         return _parallel.backward(saved, grad_out, spec, block, blocks, threads, xp=xp)
     return attention_backward(saved, grad_out, spec, block, blocks, xp=xp)

@@ -50,10 +50,13 @@ def group_spec(spec: AttentionSpec, block: Block, groups: tuple[int, int],
     spec = spec.replace(mask=group(spec.mask, groups, xp), key_keep=group(spec.key_keep, groups, xp),
                         bias=group(spec.bias, groups, xp),
                         neg_slopes=group(spec.neg_slopes, groups, xp))
-    q_diag = spec.q_diag
-    if q_diag is not None and q_diag.ndim >= 2:  # (..., 1, L): one more size-1 head axis
-        shape = tuple(q_diag.shape)
-        spec = spec.replace(q_diag=xp.reshape(q_diag, shape[:-2] + (1, 1) + shape[-1:]))
+    for name in ("q_diag", "mod_q_index"):
+        rows = getattr(spec, name)
+        if rows is not None and rows.ndim >= 2:  # (..., 1, L): one more size-1 head axis
+            shape = tuple(rows.shape)
+            spec = spec.replace(**{name: xp.reshape(rows, shape[:-2] + (1, 1) + shape[-1:])})
+    if spec.score_mod is not None or spec.mask_mod is not None:
+        spec = spec.replace(mod_groups=groups)
     return spec, block
 
 

@@ -105,7 +105,8 @@ def _expressible(query: Array, key: Array, value: Array, spec: AttentionSpec, pl
         return False
     if (spec.dropout is not None or spec.softcap is not None or spec.neg_slopes is not None
             or spec.window is not None or spec.q_seg is not None or spec.q_diag is not None
-            or spec.free_from is not None):
+            or spec.free_from is not None or spec.score_mod is not None
+            or spec.mask_mod is not None):
         return False
     if not query.ndim == key.ndim == value.ndim == 4:
         return False

@@ -54,7 +54,7 @@ _cpus_in_use = threading.Lock()
 
 # The spec's arrays with leading (batch, head) axes, and those along the queries only.
 _LEAD_ARRAYS = ("mask", "key_keep", "bias", "neg_slopes")
-_ROW_ARRAYS = ("q_seg", "q_diag")
+_ROW_ARRAYS = ("q_seg", "q_diag", "mod_q_index")
 
 
 def _index(shape: tuple[int, ...], lead: dict[int, slice], n_lead: int, core: int,

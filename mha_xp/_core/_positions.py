@@ -148,10 +148,12 @@ def positional(
 
 def with_lead_index(spec: AttentionSpec, block: Block, lead: tuple[int, ...], /, *,
                     xp: ModuleType, device: Any) -> Block:
-    """``block`` with dropout's leading index filled in: the C-order
-    flattened index over the broadcast leading shape ``lead`` (made once per
-    call, not once per block). Unchanged without dropout or when given."""
-    if spec.dropout is None or block.lead_index is not None:
+    """``block`` with the leading index that dropout and the modifiers key
+    on filled in: the C-order flattened index over the broadcast leading
+    shape ``lead`` (made once per call, not once per block). Unchanged
+    without dropout or modifiers, or when given."""
+    if (spec.dropout is None and spec.score_mod is None and spec.mask_mod is None) \
+            or block.lead_index is not None:
         return block
     index = xp.arange(math.prod(lead), dtype=xp.int32, device=device)
     return Block(block.row_start, block.offset, xp.reshape(index, lead))

@@ -214,9 +214,11 @@ def _zero_padding(state: LayerState, call: LayerCall) -> tuple[Array, Array, Arr
 def layer_forward(
     state: LayerState, call: LayerCall, *, is_causal: bool, request: Request,
     cache: KVCache | None = None, dropout: tuple[float, int] | None = None,
+    mods: dict[str, Any] | None = None,
 ) -> tuple[Array, Array | None, Residuals | None, KVCache | None]:
     """``(out, weights or None, residuals or None, cache or None)`` of one
-    validated call (residuals with ``request.return_stats``)."""
+    validated call (residuals with ``request.return_stats``); ``mods`` the
+    spec's validated ``score_mod``/``mask_mod`` fields."""
     xp, c, p = state.xp, state.config, state.params
     L, S = call.query.shape[1], call.key.shape[1]
     key, value, key_keep, keep = _zero_padding(state, call)
@@ -244,6 +246,8 @@ def layer_forward(
         k, v, S, key_keep = new_cache.key, new_cache.value, new_cache.max_length, None
     spec = layer_spec(state, call, is_causal=is_causal, key_keep=key_keep, n_keys=S,
                       q_diag=q_diag, dropout=dropout)
+    if mods:  # the modifiers' q_idx: with a cache, each query's absolute position
+        spec = spec.replace(mod_q_index=q_diag, **mods)
     if c.add_bias_kv or c.add_zero_attn:
         k, v = append_extras(p, c, k, v, xp)
     heads, weights, stats = run_attention(q, k, v, spec, request, xp=xp)
@@ -259,10 +263,12 @@ def layer_forward(
     return out, weights, res, (new_cache if cache is not None else None)
 
 
-def layer_backward(state: LayerState, call: LayerCall, res: Residuals,
-                   grad_out: Array) -> dict[str, Array]:
+def layer_backward(state: LayerState, call: LayerCall, res: Residuals, grad_out: Array,
+                   chunk_size: tuple[int, int] | None = None) -> dict[str, Array]:
     """Gradients of the layer's output with respect to its inputs (one entry
-    per input argument given), the bias given, and every parameter."""
+    per input argument given), the bias given, and every parameter (and,
+    under ``"score_mod"``, of the arrays a ``score_mod_vjp`` names), with
+    the backward's blocks ``chunk_size`` (default the call's)."""
     xp, c, p = state.xp, state.config, state.params
     if not call.batched:
         grad_out = xp.expand_dims(grad_out, axis=0)
@@ -276,9 +282,13 @@ def layer_backward(state: LayerState, call: LayerCall, res: Residuals,
         grads["out_proj.bias"] = xp.sum(dy, axis=0)
     d_heads = split_heads(xp.reshape(xp.matmul(dy, p["out_proj.weight"]), (B, L, Q)),
                           c.num_heads, xp)
+    # A fresh sum, per call, for the gradients of a score_mod's captured arrays.
+    spec = res.spec if res.spec.score_mod_vjp is None else res.spec.replace(mod_grads={})
     dq, dk, dv, dbias, dsinks = attend_backward(
-        Saved(res.q, res.k, res.v, res.heads, res.stats), d_heads, res.spec, call.chunk_size,
-        xp=xp)
+        Saved(res.q, res.k, res.v, res.heads, res.stats), d_heads, spec,
+        call.chunk_size if chunk_size is None else chunk_size, xp=xp)
+    if spec.mod_grads:
+        grads["score_mod"] = dict(spec.mod_grads)
     if c.sinks:
         grads["sinks"] = xp.reshape(cast(Array, dsinks), (c.num_heads,))
     if c.add_bias_kv or c.add_zero_attn:
@@ -297,8 +307,10 @@ def layer_backward(state: LayerState, call: LayerCall, res: Residuals,
         dk = _normalise_backward(state, dk, res.k_in, "k", grads)
     d_in, proj_grads = project_backward(p, c, (dq, dk, dv), (call.query, res.key, res.value), xp)
     grads |= proj_grads
-    return _input_grads(state, call, res, d_in, dbias) | {
-        n: grads[n] for n in p if n in grads}
+    out = _input_grads(state, call, res, d_in, dbias) | {n: grads[n] for n in p if n in grads}
+    if "score_mod" in grads:
+        out["score_mod"] = grads["score_mod"]
+    return out
 
 
 def _input_grads(state: LayerState, call: LayerCall, res: Residuals, d_in: list[Array],

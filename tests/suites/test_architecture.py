@@ -51,7 +51,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 RANKS = {"_lib": 0, "typing": 0, "_config": 1, "_checks": 1, "_porting": 1, "_spec": 1, "_core": 2, "_model": 3, "_run": 3, "_hf": 3,
-         "_attention": 4, "_layer": 4, "_io": 5, "__init__": 6, "__main__": 6}
+         "_attention": 4, "_blocks": 4, "_statistics": 4, "_layer": 4, "_io": 5, "__init__": 6, "__main__": 6}
 FUNCTION_LINES, CLASS_LINES = 80, 500
 BACKENDS_MODULE = "mha_xp._lib._backends"
 BENCHMARK_ALLOWED = {"mha_xp._core._plan"}
