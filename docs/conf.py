@@ -99,6 +99,7 @@ if HAS_TORCH:
 else:
     TORCH_2_13 = False
 HAS_STRICT = _ilu.find_spec("array_api_strict") is not None
+HAS_TRANSFORMERS = HAS_TORCH and _ilu.find_spec("transformers") is not None
 HAS_SAFETENSORS = _ilu.find_spec("safetensors") is not None
 HAS_DASK = _ilu.find_spec("dask") is not None and _ilu.find_spec("dask.array") is not None
 HAS_DISTRIBUTED = HAS_DASK and _ilu.find_spec("distributed") is not None

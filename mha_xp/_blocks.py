@@ -278,4 +278,5 @@ def block_chunks(chunk_size: tuple[int, int] | None,
     chunked path then skips its empty blocks)."""
     if chunk_size is not None or block_mask is None:
         return chunk_size
-    return tuple(block_mask.block_size)  # type: ignore[return-value]
+    bq, bk = block_mask.block_size
+    return bq, bk

@@ -114,7 +114,8 @@ def _parameter_names() -> frozenset[str]:
     """Every name a state dict can hold: both layouts of the input
     projections and every optional pair (from :func:`param_shapes`, so that
     the list follows the layer)."""
-    full = LayerConfig.from_options(2, 1, add_bias_kv=True, normalize_qk=True)
+    full = LayerConfig.from_options(2, 1, add_bias_kv=True, normalize_qk=True,
+                                    qk_norm_bias=True, sinks=True)
     return frozenset(param_shapes(full, packed=True)) | frozenset(param_shapes(full, packed=False))
 
 

@@ -601,3 +601,31 @@ def test_round_trip_through_a_buffer_of_bytes(layer, tmp_path):
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
         for n, w in layer.state_dict().items():
             np.testing.assert_array_equal(f[n], w)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_real_model_options_round_trip(tmp_path, fmt):
+    """A layer with every option of pretrained models' attention (head_dim
+    apart from embed_dim, scale, per-head QK LayerNorm with biases, sinks,
+    RoPE scaling) saves and loads to an equal config and bit-identical
+    outputs, decoding included."""
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors", reason="optional dependency safetensors not installed")
+    rng = np.random.default_rng(3)
+    base = mha_xp.MultiHeadAttention(
+        12, 4, num_kv_heads=2, head_dim=6, scale=0.35, sinks=True, normalize_qk=True,
+        qk_norm="layer", qk_norm_eps=1e-5, qk_norm_bias=True, qk_norm_per_head=True,
+        rotary=True, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 16},
+        max_position_embeddings=64, window=(5, 0), seed=0)
+    sd = {n: w + 0.2 * rng.standard_normal(w.shape) for n, w in base.state_dict().items()}
+    layer = mha_xp.MultiHeadAttention.from_state_dict(sd, num_heads=4, **base.config.options())
+    path = tmp_path / f"w.{fmt}"
+    mha_xp.save_weights(layer, path)
+    loaded = mha_xp.load_weights(path)
+    assert loaded.config == layer.config and repr(loaded) == repr(layer)
+    assert sorted(loaded.state_dict()) == sorted(sd)
+    x = rng.standard_normal((2, 7, 12))
+    assert np.array_equal(loaded(x, is_causal=True), layer(x, is_causal=True))
+    y, cache = loaded(x[:, :4], cache=loaded.init_cache(2, 8), is_causal=True)
+    assert np.array_equal(y, layer(x[:, :4], is_causal=True))

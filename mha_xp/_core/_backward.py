@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 
 from .._lib._backends import writes_in_place
@@ -145,9 +145,9 @@ def attention_backward(
                 continue
             # A score_mod keeps the scores it was given: no writing over them.
             own = in_place and spec.score_mod is None
-            s, t, before = block_scores(q_scaled[..., rows, :], key, spec, rows, cols, offset,
+            s, t, before = cast("tuple[Array, Array | None, Array | None]", block_scores(q_scaled[..., rows, :], key, spec, rows, cols, offset,
                                         xp=xp, in_place=own, return_tanh=True, block=block,
-                                        full=kind == FULL)
+                                        full=kind == FULL))
             p = probabilities(s, (m[..., rows, :], l[..., rows, :]), xp=xp, in_place=own)
             chain = None if before is None else partial(
                 modify_backward, spec=spec, block=block, rows=rows, cols=cols, xp=xp,

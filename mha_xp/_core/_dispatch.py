@@ -87,12 +87,13 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
     value gradients sum over the query heads of their group.
     """
     if spec.sinks is not None:
-        grads = attend_backward(saved, grad_out, spec.replace(sinks=None), chunk_size, xp=xp)
+        dq, dk, dv, dbias, _ = attend_backward(saved, grad_out, spec.replace(sinks=None),
+                                               chunk_size, xp=xp)
         work = saved.stats[0].dtype
         out, g = (t if t.dtype == work else xp.astype(t, work) for t in (saved.out, grad_out))
         with underflow_ignored(xp):
             dsinks = sink_gradient(out, g, saved.stats, spec.sinks, xp=xp)
-        return (*grads[:4], dsinks)
+        return dq, dk, dv, dbias, dsinks
     query, key, value = saved.query, saved.key, saved.value
     groups = gqa_groups(query, key, value)
     if groups is not None:
@@ -120,12 +121,12 @@ def attend_backward(saved: Saved, grad_out: Array, spec: AttentionSpec,
             saved = Saved(  # type: ignore[call-arg]
                 *(xp.astype(t, work) for t in (query, key, value, saved.out)), saved.stats)
             grad_out = xp.astype(grad_out, work)
-        grads = _execute.backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
+        grads: tuple[Array, Array, Array, Array | None] = _execute.backward(saved, grad_out, _execute.work_spec(spec, work, xp), Block(),
                                   blocks, xp=xp)
         # A bias (bias_shape) has a gradient (grads[3]).
         if bias_shape is not None and tuple(cast(Array, grads[3]).shape) != bias_shape:
-            grads = (*grads[:3], xp.reshape(grads[3], bias_shape))
+            grads = (grads[0], grads[1], grads[2], xp.reshape(grads[3], bias_shape))
         if work != dtype:
             grads = cast("tuple[Array, Array, Array, Array | None]",
                          tuple(None if g is None else xp.astype(g, dtype) for g in grads))
-    return (*grads, None)
+    return grads[0], grads[1], grads[2], grads[3], None

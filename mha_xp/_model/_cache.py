@@ -172,7 +172,7 @@ class KVCache:
         """
         xp, dev = namespace_and_device(self.key)
         B, M, n = self.key.shape[0], self.key.shape[-2], key.shape[-2]
-        length = self.length
+        length = cast(AnyArray, self.length)  # an array once __post_init__ has run
         if keep is None and length.ndim == 0:  # one length for the batch: one gather
             rel = xp.arange(M, device=dev) - length
             write = xp.logical_and(rel >= 0, rel < n)
@@ -210,7 +210,7 @@ class KVCache:
         ``rank`` counting the kept entries before (a padding entry takes
         the position of the last kept one before it, or ``length[b] - 1``)."""
         xp, dev = namespace_and_device(self.key)
-        length = self.length
+        length = cast(AnyArray, self.length)  # an array once __post_init__ has run
         if keep is None:
             steps = xp.arange(n, device=dev)
             if length.ndim == 0:

@@ -446,9 +446,12 @@ def config_from_shapes(
     check_param_names(shapes)
     out_w = tuple(shapes["out_proj.weight"])
     H = check_positive_int("num_heads", num_heads)
-    if len(out_w) != 2 or out_w[1] == 0 or out_w[1] % H:
-        raise ValueError(f"out_proj.weight must have shape (embed_dim, num_heads * head_dim) "
-                         f"with num_heads = {H}, got {out_w}")
+    if len(out_w) != 2 or out_w[1] == 0:
+        raise ValueError(f"out_proj.weight must have shape (embed_dim, num_heads * head_dim), "
+                         f"got {out_w}")
+    if out_w[1] % H:
+        raise ValueError(f"the {out_w[1]} columns of out_proj.weight (num_heads * head_dim; "
+                         f"embed_dim in a torch layer) must be divisible by num_heads ({H})")
     E, D = out_w[0], out_w[1] // H
     if "in_proj_weight" in shapes:
         kv_dim = kdim = vdim = E

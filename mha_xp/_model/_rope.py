@@ -3,7 +3,7 @@
 :func:`rope_frequencies` reproduces Hugging Face transformers'
 ``ROPE_INIT_FUNCTIONS`` (``modeling_rope_utils.py``: ``default``, ``linear``,
 ``dynamic``, ``llama3``, ``yarn``, ``longrope``) formula for formula, in
-float64 on the host; :func:`rope_tables` turns positions into the cosines and
+float64 on the host; :func:`apply_rotary` (``inv_freq=``, ``attention_factor=``) turns positions into the cosines and
 sines that rotate queries and keys, scaled by the scheme's attention factor as
 Hugging Face's rotary modules scale them.
 
@@ -275,18 +275,25 @@ def _yarn_ramp(p: Mapping[str, Any], dim: int, base: float, old: int) -> list[fl
     return [1 - min(max((i - lo) / (hi - lo), 0.0), 1.0) for i in range(dim // 2)]
 
 
+def _context_factor(rope_type: str, p: Mapping[str, Any], max_pos: int | None,
+                    ) -> tuple[int, float]:
+    """``(original_max_position_embeddings, factor)`` of YaRN and LongRoPE; a
+    missing factor is ``max_position_embeddings / original``, as Hugging
+    Face fills it."""
+    old = _original_max(rope_type, p, max_pos)
+    if p.get("factor") is not None:
+        return old, _factor(rope_type, p["factor"])
+    if max_pos is None:
+        raise ValueError(
+            f"rope_type {rope_type!r} needs scaling['factor'] or max_position_embeddings= "
+            f"(Hugging Face then takes max_position_embeddings / original_max_position_embeddings)"
+        )
+    return old, max_pos / old
+
+
 def _yarn(dim: int, base: float, p: Mapping[str, Any], seq_len: int | None,
           max_pos: int | None) -> tuple[list[float], float]:
-    old = _original_max("yarn", p, max_pos)
-    if p.get("factor") is not None:
-        factor = _factor("yarn", p["factor"])
-    elif max_pos is None:
-        raise ValueError(
-            "rope_type 'yarn' needs scaling['factor'] or max_position_embeddings= (Hugging "
-            "Face then takes max_position_embeddings / original_max_position_embeddings)"
-        )
-    else:
-        factor = max_pos / old
+    old, factor = _context_factor("yarn", p, max_pos)
     attention_factor = _yarn_attention_factor(p, factor)
     keep = _yarn_ramp(p, dim, base, old)
     out = []
@@ -313,16 +320,7 @@ def _longrope(dim: int, base: float, p: Mapping[str, Any], seq_len: int | None,
     half = dim // 2
     short, long = _factors("short_factor", p["short_factor"], half), _factors(
         "long_factor", p["long_factor"], half)
-    old = _original_max("longrope", p, max_pos)
-    if p.get("factor") is not None:
-        factor = _factor("longrope", p["factor"])
-    elif max_pos is None:
-        raise ValueError(
-            "rope_type 'longrope' needs scaling['factor'] or max_position_embeddings= "
-            "(Hugging Face then takes max_position_embeddings / original_max_position_embeddings)"
-        )
-    else:
-        factor = max_pos / old
+    old, factor = _context_factor("longrope", p, max_pos)
     if p.get("attention_factor") is not None:
         attention_factor = _real("longrope", "attention_factor", p["attention_factor"])
     elif factor <= 1.0:
@@ -357,7 +355,7 @@ def rope_frequencies(
     unscaled, ``inv_freq[p] = 1 / base ** (2 p / dim)``. The schemes of
     long-context models change these frequencies, and YaRN and LongRoPE also
     scale the cosines and sines by an attention factor (pass both to
-    :func:`rope_tables`).
+    :func:`apply_rotary` (``inv_freq=``, ``attention_factor=``)).
 
     Parameters
     ----------
@@ -438,7 +436,6 @@ def rope_frequencies(
 
     Examples
     --------
-    >>> import numpy as np
     >>> import numpy as np
     >>> from mha_xp import rope_frequencies
     >>> inv, af = rope_frequencies(8, 10000.0)

@@ -219,7 +219,8 @@ class TestWeightsErrors:
             MHA.from_state_dict(sd, num_heads=2)
 
     def test_num_heads_does_not_divide(self, sd):
-        with pytest.raises(ValueError, match=r"embed_dim \(8\) must be divisible by num_heads \(3\)"):
+        # The output projection's columns are num_heads * head_dim (embed_dim here).
+        with pytest.raises(ValueError, match=r"the 8 columns of out_proj.weight .* must be divisible by num_heads \(3\)"):
             MHA.from_state_dict(sd, num_heads=3)
 
     def test_mixed_dtypes(self, sd):
