@@ -13,6 +13,7 @@ from ._attention import (
     scaled_dot_product_attention,
 )
 from ._blocks import BlockMask, create_block_mask
+from ._statistics import attention_statistics
 from ._model._cache import KVCache
 from ._config import (
     DEFAULT_MEMORY_BUDGET,
@@ -40,6 +41,7 @@ __all__ = [
     "__version__",
     "alibi_slopes",
     "apply_rotary",
+    "attention_statistics",
     "attention_vjp",
     "attention_with_lse",
     "create_block_mask",
