@@ -196,7 +196,9 @@ def _validate(
     work = compute_dtype(dtype, xp)
     if sinks is not None:
         check_sinks(sinks, dtype, scores_shape, xp)
-        sinks = xp.reshape(sinks if work == dtype else xp.astype(sinks, work), (-1, 1))
+        # (H, 1) against the rows' (..., H, L) statistics; 0-d for (L, D) inputs.
+        sinks = xp.reshape(sinks if work == dtype else xp.astype(sinks, work),
+                           (-1, 1) if len(scores_shape) >= 3 else ())
     modifiers = check_modifiers(xp, dev, work, scores_shape, *mods, vjp=vjp)
     spec = AttentionSpec(
         scale=check_scale(scale, query.shape[-1], work, xp),

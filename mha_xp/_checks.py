@@ -717,11 +717,11 @@ def check_cache_call(cache: Any, call: LayerCall, *, is_causal: bool, cross: boo
     max_length, head_dim)`` expectations but the length; ``rope_type`` its
     RoPE scaling): causal self-attention, no masks, a cache that fits the
     layer and has room."""
-    if rope_type == "dynamic":
-        raise ValueError("rope_scaling 'dynamic' changes the frequencies with the sequence's "
-                         "length, which a cache's keys were rotated with before: decode "
-                         "without a cache, or use a scaling that does not depend on the "
-                         "length ('linear', 'llama3', 'yarn')")
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"rope_scaling {rope_type!r} changes the frequencies with the "
+                         f"sequence's length, which a cache's keys were rotated with before: "
+                         f"decode without a cache, or use a scaling that does not depend on "
+                         f"the length ('linear', 'llama3', 'yarn')")
     if training:
         raise ValueError("dropout (training=True) is not supported with a cache: "
                          "decoding is inference; call without training=True")

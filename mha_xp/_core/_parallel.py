@@ -201,8 +201,8 @@ def backward(saved: Saved, grad_out: Array, spec: AttentionSpec, block: Block,
 
         def work(task: Task) -> None:
             m, l = (_take(t, task, n, 1) for t in saved.stats)
-            part = Saved(_take(query, task, n, 2), _take(key, task, n, 2),
-                         _take(value, task, n, 2), _take(saved.out, task, n, 2), (m, l))
+            part = Saved(_take(query, task, n, 2), _take(key, task, n, 2, False),
+                         _take(value, task, n, 2, False), _take(saved.out, task, n, 2), (m, l))
             got = attention_backward(part, _take(grad_out, task, n, 2), _task_spec(spec, task, n),
                                      Block(block.row_start, block.offset,
                                            _take(block.lead_index, task, n, 0)),

@@ -221,7 +221,7 @@ def add_sinks(out: Array, stats: tuple[Array, Array], sinks: Array, /, *, xp: Mo
     the sink.
     """
     m, l = stats
-    sink = xp.broadcast_to(sinks, tuple(m.shape))
+    sink = xp.broadcast_to(_finite_sinks(sinks, xp=xp), tuple(m.shape))
     w1, _, _, e1, _ = _merge_weights(lse_from_stats(stats, xp=xp), sink, xp=xp)
     work = w1.dtype
     no_value = xp.zeros((), dtype=work, device=device_of(w1))
@@ -232,6 +232,14 @@ def add_sinks(out: Array, stats: tuple[Array, Array], sinks: Array, /, *, xp: Mo
     return (scaled if out.dtype == work else xp.astype(scaled, out.dtype)), (top, total), w1
 
 
+def _finite_sinks(sinks: Array, /, *, xp: ModuleType) -> Array:
+    """``sinks`` with ``+inf`` as the largest finite value: a sink that takes
+    all the mass (an infinite log-sum-exp would read as an empty side)."""
+    big = xp.asarray(xp.finfo(sinks.dtype).max, dtype=sinks.dtype, device=device_of(sinks))
+    return xp.where(sinks == xp.asarray(math.inf, dtype=sinks.dtype, device=device_of(sinks)),
+                    big, sinks)
+
+
 def sink_gradient(out: Array, grad_out: Array, stats: tuple[Array, Array], sinks: Array, /, *,
                   xp: ModuleType) -> Array:
     """The gradient of the sinks of :func:`add_sinks`, shaped as ``sinks``:
@@ -239,6 +247,6 @@ def sink_gradient(out: Array, grad_out: Array, stats: tuple[Array, Array], sinks
     exp(sink - m') / l'`` the sink's weight and ``out``, ``stats`` the
     results with the sinks (all in the compute dtype)."""
     m, l = stats
-    p_sink = xp.exp(sinks - m) / safe_divisor(l, xp=xp)
+    p_sink = xp.exp(_finite_sinks(sinks, xp=xp) - m) / safe_divisor(l, xp=xp)
     delta = xp.sum(grad_out * out, axis=-1)
     return unbroadcast(-(p_sink * delta), tuple(sinks.shape), xp=xp)

@@ -37,7 +37,11 @@ from ._projections import (
 from ._rope import rope_frequencies
 from ._rotary import apply_rotary
 
-__all__ = ["LayerState", "Residuals", "layer_backward", "layer_forward", "layer_spec"]
+__all__ = ["LENGTH_DEPENDENT", "LayerState", "Residuals", "layer_backward", "layer_forward",
+           "layer_spec"]
+
+#: The RoPE scalings whose frequencies depend on the sequence's length.
+LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class LayerState:
     rope : (array, float) or None
         RoPE's inverse frequencies (compute dtype) and attention factor, for
         a rotary layer whose frequencies do not depend on the sequence
-        length (all but ``"dynamic"`` scaling).
+        length (all but ``"dynamic"`` and ``"longrope"`` scaling).
     """
 
     params: dict[str, Array]
@@ -83,13 +87,13 @@ class LayerState:
                                                 device=device), (config.num_heads, 1, 1))
         rope = None
         scaling = config.rope_scaling
-        if config.rotary and (scaling is None or scaling["rope_type"] != "dynamic"):
+        if config.rotary and (scaling is None or scaling["rope_type"] not in LENGTH_DEPENDENT):
             rope = _layer_rope(config, None, xp, device, dtype)
         return cls(params, config, xp, device, dtype, neg_slopes, rope)
 
     def rope_at(self, seq_len: int) -> tuple[Array, float]:
         """RoPE's frequencies and attention factor for a call over ``seq_len``
-        positions (only ``"dynamic"`` scaling depends on it)."""
+        positions (only ``"dynamic"`` and ``"longrope"`` scaling depend on it)."""
         if self.rope is not None:
             return self.rope
         return _layer_rope(self.config, seq_len, self.xp, self.device, self.dtype)

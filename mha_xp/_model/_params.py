@@ -122,6 +122,10 @@ def _normalised(raw: Mapping[str, Any]) -> dict[str, Any]:
                                     what="a non-negative finite number")
     out["qk_norm_offset"] = check_real("qk_norm_offset", raw["qk_norm_offset"],
                                        what="a finite number (1.0 for Gemma's 1 + weight)")
+    for name in ("qk_norm_bias", "qk_norm_per_head"):
+        if out[name] and not out["normalize_qk"]:
+            raise ValueError(f"{name}=True shapes the QK normalisation's parameters: it needs "
+                             f"normalize_qk=True")
     if out["qk_norm_bias"] and out["qk_norm"] == "rms":
         raise ValueError("qk_norm_bias=True is for qk_norm='layer' (a LayerNorm); an RMSNorm "
                          "has no bias")
