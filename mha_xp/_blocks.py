@@ -13,7 +13,7 @@ import numpy as np
 
 from ._checks import check_positive_int
 from ._core._modifiers import EMPTY, FULL, PARTIAL
-from ._lib._backends import host_readable
+from ._lib._backends import block_namespace, host_readable
 from ._lib._namespace import Array as AnyArray
 from ._lib._namespace import convert, normalize_namespace
 from .typing import Array, Device, Namespace
@@ -220,7 +220,9 @@ def check_modifiers(
     if score_mod is None and mask_mod is None:
         return {}
     heads = scores_shape[-3] if len(scores_shape) >= 3 else 1
-    _probe(xp, device, dtype, score_mod, mask_mod, vjp and score_mod_vjp is None)
+    ns, other = block_namespace(xp)  # the callables see the blocks' arrays (Dask: NumPy)
+    _probe(ns, None if other else device, dtype, score_mod, mask_mod,
+           vjp and score_mod_vjp is None, scores_shape)
     return dict(score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                 score_mod_vjp=score_mod_vjp, mod_heads=heads)
 
@@ -246,25 +248,37 @@ def _check_block_mask(block_mask: Any, mask_mod: Any, scores_shape: tuple[int, .
 
 
 def _probe(xp: Any, device: Any, dtype: Any, score_mod: Any, mask_mod: Any,
-           additive: bool) -> None:
-    """Evaluate the callables once on a ``(1, 1, 1, 2)`` block."""
-    zero = xp.zeros((1, 1, 1, 1), dtype=xp.arange(1, device=device).dtype, device=device)
-    kv = xp.reshape(xp.arange(2, device=device), (1, 1, 1, 2))
+           additive: bool, scores_shape: tuple[int, ...]) -> None:
+    """Evaluate the callables once on a ``(1, 1, 1, 2)`` block: the last
+    batch entry and head, the last query, the first and last keys."""
+    L, S = scores_shape[-2], scores_shape[-1]
+    heads = scores_shape[-3] if len(scores_shape) >= 3 else 1
+    batch = math.prod(scores_shape[:-3])
+    index = xp.arange(1, device=device).dtype
+    b, h, zero = (xp.full((1, 1, 1, 1), n, dtype=index, device=device)
+                  for n in (batch - 1, heads - 1, L - 1))
+    kv = xp.reshape(xp.asarray([0, S - 1], dtype=index, device=device), (1, 1, 1, 2))
     if mask_mod is not None:
-        got = mask_mod(zero, zero, zero, kv)
+        got = mask_mod(b, h, zero, kv)
         if not hasattr(got, "dtype") or not xp.isdtype(got.dtype, "bool"):
             raise TypeError(f"mask_mod must return a boolean array (True = may attend), got "
                             f"{getattr(got, 'dtype', type(got).__name__)}")
     if score_mod is None:
         return
     s = xp.asarray([[[[0.5, -1.25]]]], dtype=dtype, device=device)
-    got = score_mod(s, zero, zero, zero, kv)
+    got = score_mod(s, b, h, zero, kv)
     if not hasattr(got, "dtype") or not xp.isdtype(got.dtype, "real floating"):
         raise TypeError(f"score_mod must return a real floating array (the modified scores), "
                         f"got {getattr(got, 'dtype', type(got).__name__)}")
-    if additive and host_readable(got):
-        shifted = score_mod(s + 1.0, zero, zero, zero, kv)
-        step = [float(shifted[0, 0, 0, i]) - float(got[0, 0, 0, i]) for i in range(2)]
+    if additive:
+        shifted = score_mod(s + 1.0, b, h, zero, kv)
+        try:  # two numbers, read once per attention_vjp (a sync on a GPU)
+            step = [float(shifted[0, 0, 0, i]) - float(got[0, 0, 0, i]) for i in range(2)]
+        except Exception as exc:  # traced values (jax.jit): nothing to read
+            raise ValueError(
+                "attention_vjp cannot check here that score_mod adds a term independent of "
+                "the score (its values are traced): pass score_mod_vjp= (for an additive "
+                "score_mod, lambda grad, *args: grad)") from exc
         if any(not math.isclose(d, 1.0, rel_tol=1e-3) for d in step):
             raise ValueError(
                 "score_mod changes with the score other than by adding a term (its "

@@ -59,7 +59,7 @@ def indices(spec: AttentionSpec, block: Block, rows: slice, cols: slice, ndim: i
     b = (flat // heads)[..., 0:1, :, :] if ndim >= 3 else flat // heads
     h = flat % heads
     if n_batch > 0:
-        h = h[(slice(0, 1),) * n_batch]
+        h = h[(slice(0, 1),) * n_batch + (Ellipsis,)]
     pad = (1,) * (ndim - 2)
     if spec.mod_q_index is not None:
         q = spec.mod_q_index[..., slice(rows.start, rows.stop)]
@@ -152,6 +152,8 @@ def block_kind(spec: AttentionSpec, block: Block, rows: slice, cols: slice) -> i
         return PARTIAL
     bq, bk = bm.block_size
     r0, r1 = block.row_start + rows.start, block.row_start + rows.stop
+    if r0 % bq == 0 and r1 - r0 <= bq and cols.start % bk == 0 and cols.stop - cols.start <= bk:
+        return int(kinds[r0 // bq, cols.start // bk])  # one block of the mask: no reduction
     part = kinds[r0 // bq: -(-r1 // bq), cols.start // bk: -(-cols.stop // bk)]
     if part.size == 0:
         return PARTIAL

@@ -69,5 +69,5 @@ def block_scores(
     elif spec.score_mod is not None:
         # What a score_mod returns may be a view or one of its captured
         # arrays: the paths overwrite the scores, so they get their own.
-        s = xp.asarray(s, copy=True)
+        s = s * 1.0  # a new array (asarray(copy=True) warns on torch tensors with grad)
     return (s, t, before) if return_tanh else s

@@ -31,6 +31,7 @@ from array_api_compat import (
 __all__ = [
     "host_memory_available",
     "host_readable",
+    "block_namespace",
     "is_dask",
     "is_plain_numpy",
     "is_traced",
@@ -51,6 +52,17 @@ def is_plain_numpy(x: Any) -> bool:
 def is_dask(xp: ModuleType) -> bool:
     """Whether ``xp`` is Dask's array namespace (lazy, blocked arrays)."""
     return is_dask_namespace(xp)
+
+
+def block_namespace(xp: ModuleType) -> tuple[ModuleType, bool]:
+    """The namespace that the blocks of a call of ``xp`` arrays are computed
+    in, and whether it is another one: NumPy (array-api-compat's) for Dask,
+    whose tasks compute on NumPy chunks; ``xp`` itself otherwise."""
+    if is_dask_namespace(xp):
+        import array_api_compat.numpy as np_compat
+
+        return np_compat, True
+    return xp, False
 
 
 def writes_in_place(xp: ModuleType) -> bool:
