@@ -10,7 +10,8 @@ schedules a graph per call: on them the whole suite takes several times as
 long as on the eager backends, which share all of mha_xp's code with them.
 By default they run the test files of ``SLOW_BACKEND_FILES`` (the core
 semantics, the paths, the gradients, the random generator and what is
-specific to them); ``MHA_XP_FULL_MATRIX=1`` runs every test on them too.
+specific to them), less the cases of ``BUDGET`` that repeat what their
+other cases run; ``MHA_XP_FULL_MATRIX=1`` runs every test on them too.
 """
 
 from __future__ import annotations
@@ -38,9 +39,34 @@ SLOW_BACKEND_FILES = {
 }
 
 
+# Within those files, the JAX and Dask cases that repeat what their other
+# cases run (another dtype, the other side of a padding, the dense twin of a
+# chunked case, which NumPy, array-api-strict and torch run in full): by file,
+# (test name prefix or "", parameter, values deselected).
+BUDGET = {
+    "test_modifiers.py": [("", "dtype", {"float32"}), ("", "chunk", {None}),
+                          ("TestBuiltinsAsModifiers", "backend", {"jax"})],
+    "test_batched_decoding.py": [("", "dtype", {"float32"}), ("", "side", {"right"})],
+}
+
+
+def _over_budget(item: pytest.Item, backend: str) -> bool:
+    """Whether ``item``, a JAX or Dask case, is one that :data:`BUDGET` leaves out."""
+    params = item.callspec.params  # type: ignore[attr-defined]
+    for prefix, param, values in BUDGET.get(item.path.name, ()):
+        if not item.nodeid.split("::", 1)[1].startswith(prefix):
+            continue
+        if param == "backend" and backend in values:
+            return True
+        if param in params and params[param] in values:
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect JAX and Dask cases outside ``SLOW_BACKEND_FILES`` (see the
-    module docstring) unless ``MHA_XP_FULL_MATRIX=1``."""
+    """Deselect JAX and Dask cases outside ``SLOW_BACKEND_FILES``, and those
+    ``BUDGET`` leaves out within them (see the module docstring), unless
+    ``MHA_XP_FULL_MATRIX=1``."""
     if os.environ.get("MHA_XP_FULL_MATRIX") == "1":
         return
     keep, dropped = [], []
@@ -49,7 +75,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         name = None if callspec is None else callspec.params.get(
             "backend", callspec.params.get("backend_f16"))
         files = SLOW_BACKEND_FILES.get(name) if isinstance(name, str) else None
-        if files is not None and item.path.name not in files:
+        if files is not None and (item.path.name not in files or _over_budget(item, name)):
             dropped.append(item)
         else:
             keep.append(item)

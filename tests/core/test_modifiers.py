@@ -73,18 +73,6 @@ B_CHUNK_IDS = ["dense", "chunked44"]
 SLOW = {"jax", "dask"}
 
 
-def _budget(backend, dtype="float64", chunk=(4, 4)):
-    """JAX and Dask run the float64 case of the dtype-parametrised tests
-    and, where ``chunk`` is passed, the chunked case alone (another test
-    runs their dense path)."""
-    if backend.name in SLOW and dtype == "float32":
-        pytest.skip("JAX and Dask run the float64 case of this test (the time budget of the "
-                    "file); float32 runs on NumPy, array-api-strict and torch")
-    if backend.name in SLOW and chunk is None:
-        pytest.skip("JAX and Dask run the chunked case of this test (the time budget of the "
-                    "file); their dense path runs in the other backend tests")
-
-
 # Gradients against torch autograd (float64), relative to max(‖ref‖, 1).
 GRAD_TOL = {"float32": 5e-5, "float64": 1e-12}
 
@@ -428,7 +416,6 @@ class TestForward:
     def test_backends(self, backend, dtype, rng, chunk):
         """score_mod (additive, and a captured table) with mask_mod, GQA,
         on every backend: output, weights and lse against the reference."""
-        _budget(backend, dtype)
         q, k, v = _inputs(rng, L=BL, S=BS)
         table = rng.standard_normal((4, 5))
         args = _on(backend, dtype, q, k, v)
@@ -564,10 +551,6 @@ class TestBuiltinsAsModifiers:
 
     @pytest.mark.parametrize("chunk", B_CHUNKS, ids=B_CHUNK_IDS)
     def test_backends(self, backend, rng, chunk):
-        if backend.name == "jax":
-            pytest.skip("the built-ins as modifiers on JAX: the other tests of the file run "
-                        "JAX's paths (the time budget: eager JAX compiles each new operation)")
-        _budget(backend, chunk=chunk)
         q, k, v = _inputs(rng, L=BL, S=BS)
         args = _on(backend, "float64", q, k, v)
         slopes = np.asarray(ref_alibi_slopes(4))
@@ -692,7 +675,6 @@ class TestBlockMask:
                 assert rel_err(w, w_ref) < 1e-14
 
     def test_backends(self, backend, dtype, rng):
-        _budget(backend, dtype)
         q, k, v = _inputs(rng, L=BL, S=BS)
         mm = doc_mask(np.repeat(np.arange(3), [5, 1, 6]))
         # A block mask made with NumPy, of a mask_mod that captures nothing
@@ -817,7 +799,6 @@ class TestBackward:
         """An additive score_mod (no score_mod_vjp) with mask_mod: the
         gradients of q, k, v against autograd through the dense torch
         evaluation of the same callables."""
-        _budget(backend, dtype, chunk)
         q, k, v = _inputs(rng, L=BL, S=BS)
         go = rng.standard_normal((2, 4, BL, 3))
         t_out, t_grads = torch_grads(q, k, v, go, score_mod=relpos_mod, mask_mod=band_mask)
@@ -835,7 +816,6 @@ class TestBackward:
     def test_learnable_table_vs_torch_autograd(self, backend, dtype, rng, chunk):
         """score_mod_vjp returning the table's gradient: summed over blocks
         into grads["score_mod"]["table"], as autograd's through the table."""
-        _budget(backend, dtype)
         q, k, v = _inputs(rng, L=BL, S=BS)
         table, make = _captured_case(rng)
         go = rng.standard_normal((2, 4, BL, 3))
