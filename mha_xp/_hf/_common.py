@@ -9,10 +9,12 @@ module and config are read through their attributes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Ported", "config_value"]
+__all__ = ["Ported", "config_value", "rope_options", "scale_option"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,35 @@ def config_value(config: Any, *names: str, default: Any = None) -> Any:
         if value is not None:
             return value
     return default
+
+
+def rope_options(config: Any, layer_type: str | None = None,
+                 rotary_dim: int | None = None) -> dict[str, Any]:
+    """The layer's RoPE options from ``config.rope_parameters`` (of
+    ``layer_type`` where they are given per layer type, as Gemma 3's):
+    ``rope_theta`` as ``rotary_base``, a ``rope_type`` other than
+    ``"default"`` as ``rope_scaling`` with ``max_position_embeddings``."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None and isinstance(params.get(layer_type), Mapping):
+        params = params[layer_type]
+    params = dict(params)
+    theta = params.get("rope_theta", config_value(config, "rope_theta", default=10000.0))
+    options: dict[str, Any] = {"rotary": True, "rotary_base": float(theta)}
+    if params.get("rope_type", params.get("type", "default")) != "default":
+        # partial_rotary_factor is rotary_dim's (the scaling is computed on those
+        # features); rope_theta is rotary_base
+        options["rope_scaling"] = {k: v for k, v in params.items()
+                                   if k not in ("partial_rotary_factor", "rope_theta")}
+        options["max_position_embeddings"] = config_value(config, "max_position_embeddings")
+    if rotary_dim is not None:
+        options["rotary_dim"] = rotary_dim
+    return options
+
+
+def scale_option(scaling: Any, head_dim: int) -> dict[str, Any]:
+    """``scale`` where a module's factor on Q K^T is not mha_xp's default
+    ``1 / sqrt(head_dim)`` (to the rounding of ``head_dim ** -0.5`` against
+    ``1 / math.sqrt(head_dim)``, which modules spell either way)."""
+    if scaling is None or math.isclose(float(scaling), head_dim ** -0.5, rel_tol=1e-14):
+        return {}
+    return {"scale": float(scaling)}

@@ -16,12 +16,11 @@ attributes only: nothing here imports torch or transformers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._lib._namespace import namespace_and_device
-from ._common import Ported, config_value
+from ._common import Ported, config_value, rope_options, scale_option
 
 __all__ = ["FAMILIES"]
 
@@ -108,37 +107,6 @@ def _window(config: Any, sliding: bool, *, both_sides: bool = False) -> dict[str
     return {"window": (W - 1, W - 1 if both_sides else 0)}
 
 
-def _rope(config: Any, layer_type: str | None = None,
-          rotary_dim: int | None = None) -> dict[str, Any]:
-    """RoPE options from ``config.rope_parameters`` (of ``layer_type`` where
-    they are given per layer type, as Gemma 3's)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if layer_type is not None and isinstance(params.get(layer_type), Mapping):
-        params = params[layer_type]
-    params = dict(params)
-    theta = params.get("rope_theta", config_value(config, "rope_theta", default=10000.0))
-    options: dict[str, Any] = {"rotary": True, "rotary_base": float(theta)}
-    if params.get("rope_type", params.get("type", "default")) != "default":
-        # partial_rotary_factor is rotary_dim's (the scaling is computed on those
-        # features); rope_theta is rotary_base
-        options["rope_scaling"] = {k: v for k, v in params.items()
-                                   if k not in ("partial_rotary_factor", "rope_theta")}
-        options["max_position_embeddings"] = config_value(config, "max_position_embeddings")
-    if rotary_dim is not None:
-        options["rotary_dim"] = rotary_dim
-    return options
-
-
-def _scale(module: Any, head_dim: int) -> dict[str, Any]:
-    """``scale``: the module's factor on Q K^T (``module.scaling``) where it is
-    not mha_xp's default ``1 / sqrt(head_dim)`` (to the rounding of
-    ``head_dim ** -0.5``, as the modules spell it)."""
-    scaling = getattr(module, "scaling", None)
-    if scaling is None or math.isclose(float(scaling), head_dim ** -0.5, rel_tol=1e-14):
-        return {}
-    return {"scale": float(scaling)}
-
-
 def _norm_eps(module: Any, q_name: str, k_name: str) -> float:
     """The epsilon of the module's query and key norms (one for both)."""
     eps = []
@@ -166,7 +134,8 @@ def _decoder(module: Any, config: Any, *, sliding: bool,
     RoPE (of the layer's type) and the window (``sliding``: this layer's)."""
     state = _projections(module, out_name)
     H, Hkv, D = _heads(module, config, state)
-    options = _scale(module, D) | _rope(config, _layer_type(module, config)) | _window(config, sliding)
+    options = (scale_option(getattr(module, "scaling", None), D)
+               | rope_options(config, _layer_type(module, config)) | _window(config, sliding))
     return state, H, Hkv, options
 
 
@@ -233,7 +202,7 @@ def port_gemma3(module: Any, config: Any) -> Ported:
     state = _projections(module)
     H, Hkv, D = _heads(module, config, state)
     layer_type = _layer_type(module, config)
-    options = (_scale(module, D) | _rope(config, layer_type)
+    options = (scale_option(getattr(module, "scaling", None), D) | rope_options(config, layer_type)
                | _window(config, layer_type == _SLIDING, both_sides=both)
                | _rms_qk_norm(module, state, 1.0))
     return Ported("gemma3", state, H, Hkv, options, is_causal=not both)
@@ -250,9 +219,9 @@ def port_phi(module: Any, config: Any) -> Ported:
     if rotary_dim % 2:
         raise ValueError(f"PhiAttention rotates {rotary_dim} features (head_dim {D} times "
                          f"partial_rotary_factor): RoPE needs an even number")
-    options = _scale(module, D)
+    options = scale_option(getattr(module, "scaling", None), D)
     if rotary_dim:
-        options |= _rope(config, rotary_dim=rotary_dim if rotary_dim != D else None)
+        options |= rope_options(config, rotary_dim=rotary_dim if rotary_dim != D else None)
     if getattr(module, "qk_layernorm", False):
         for which in ("q", "k"):
             norm = getattr(module, f"{which}_layernorm")

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._core._positions import standard_alibi_slopes
 from .._lib._namespace import namespace_and_device
-from ._common import Ported, config_value
+from ._common import Ported, config_value, rope_options, scale_option
 
 __all__ = ["FAMILIES"]
 
@@ -120,31 +120,6 @@ def _head_dim(module: Any, embed_dim: int, heads: int) -> int:
     return embed_dim // heads
 
 
-def _rope(config: Any, rotary_dim: int | None = None) -> dict[str, Any]:
-    """RoPE options from ``config.rope_parameters`` (``rope_theta``, a
-    ``rope_type`` other than ``"default"`` as ``rope_scaling``)."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    theta = params.get("rope_theta", config_value(config, "rope_theta", default=10000.0))
-    options: dict[str, Any] = {"rotary": True, "rotary_base": float(theta)}
-    if params.get("rope_type", params.get("type", "default")) != "default":
-        # partial_rotary_factor is rotary_dim's; rope_theta is rotary_base
-        options["rope_scaling"] = {k: v for k, v in params.items()
-                                   if k not in ("partial_rotary_factor", "rope_theta")}
-        options["max_position_embeddings"] = config_value(config, "max_position_embeddings")
-    if rotary_dim is not None:
-        options["rotary_dim"] = rotary_dim
-    return options
-
-
-def _scale(scaling: Any, head_dim: int) -> dict[str, Any]:
-    """``scale`` where the module's factor on Q K^T is not mha_xp's default
-    ``1 / sqrt(head_dim)`` (to the rounding of ``head_dim ** -0.5`` against
-    ``1 / math.sqrt(head_dim)``, which modules spell either way)."""
-    if scaling is None or math.isclose(float(scaling), head_dim ** -0.5, rel_tol=1e-14):
-        return {}
-    return {"scale": float(scaling)}
-
-
 # --- the families ----------------------------------------------------------------
 
 def port_gpt2(module: Any, config: Any) -> Ported:
@@ -170,7 +145,7 @@ def port_gpt2(module: Any, config: Any) -> Ported:
         q_w, q_b = _conv1d(module, "q_attn")
         ws, bs = [q_w] + ws, [q_b] + bs
     state = _state(ws + [o_w], bs + [o_b])
-    return Ported("gpt2", state, H, H, _scale(getattr(module, "scaling", None), D),
+    return Ported("gpt2", state, H, H, scale_option(getattr(module, "scaling", None), D),
                   is_causal=not cross)
 
 
@@ -196,9 +171,9 @@ def port_gpt_neox(module: Any, config: Any) -> Ported:
         raise ValueError(f"GPTNeoXAttention rotates {rotated} features per head "
                          f"(head_size {D} * partial_rotary_factor): mha_xp's rotary_dim "
                          f"must be even")
-    options = _scale(getattr(module, "scaling", None), D)
+    options = scale_option(getattr(module, "scaling", None), D)
     if rotated:
-        options |= _rope(config, rotated if rotated < D else None)
+        options |= rope_options(config, rotary_dim=rotated if rotated < D else None)
     return Ported("gpt_neox", state, H, H, options)
 
 
@@ -218,7 +193,7 @@ def port_bloom(module: Any, config: Any) -> Ported:
                          f"num_attention_heads={H} of {D} features")
     beta = float(getattr(module, "beta", 1.0))
     options = {"alibi": [beta * s for s in standard_alibi_slopes(H)]}
-    options |= _scale(getattr(module, "inv_norm_factor", None), D)
+    options |= scale_option(getattr(module, "inv_norm_factor", None), D)
     return Ported("bloom", state, H, H, options)
 
 
@@ -257,7 +232,7 @@ def port_falcon(module: Any, config: Any) -> Ported:
         inv_norm = float(getattr(module, "inv_norm_factor", 1.0 / math.sqrt(D)))
         options: dict[str, Any] = {"alibi": [s * inv_norm for s in standard_alibi_slopes(H)]}
     else:
-        options = _rope(config)
+        options = rope_options(config)
     return Ported("falcon", state, H, Hkv, options)
 
 
@@ -279,7 +254,7 @@ def port_bert(module: Any, config: Any) -> Ported:
     _check_rows(module, "query", int(layers[0][0].shape[0]), H * D,
                 f"num_attention_heads={H} of {D} features")
     state = _state([w for w, _ in layers], [b for _, b in layers])
-    options = _scale(getattr(inner, "scaling", None), D)
+    options = scale_option(getattr(inner, "scaling", None), D)
     return Ported("bert", state, H, H, options, is_causal=bool(getattr(inner, "is_causal", False)))
 
 
@@ -296,7 +271,7 @@ def _seq2seq(module: Any, config: Any, family: str) -> Ported:
     for (w, _), n in zip(layers[:3], ("q_proj", "k_proj", "v_proj")):
         _check_rows(module, n, int(w.shape[0]), H * D, f"{name}={H} of {D} features")
     state = _state([w for w, _ in layers], [b for _, b in layers])
-    return Ported(family, state, H, H, _scale(getattr(module, "scaling", None), D),
+    return Ported(family, state, H, H, scale_option(getattr(module, "scaling", None), D),
                   is_causal=bool(getattr(module, "is_causal", False)))
 
 
@@ -343,7 +318,7 @@ def port_t5(module: Any, config: Any) -> Ported:
     for (w, _), n in zip(layers[:3], "qkv"):
         _check_rows(module, n, int(w.shape[0]), H * D, f"num_heads={H} of d_kv={D} features")
     state = _state([w for w, _ in layers], [b for _, b in layers])
-    return Ported("t5", state, H, H, _scale(getattr(module, "scaling", 1.0), D),
+    return Ported("t5", state, H, H, scale_option(getattr(module, "scaling", 1.0), D),
                   is_causal=bool(getattr(module, "is_causal", False)))
 
 
